@@ -1,0 +1,58 @@
+"""Small helpers the mechanisms share: grouped-query head expansion, accumulation dtype,
+a masked softmax that is safe on rows with no visible key, and output allocation that tests
+can poison with NaN so that an unwritten element cannot pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+_poison_outputs = False
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Within this context :func:`new_empty` fills its buffers with NaN (a test aid)."""
+    global _poison_outputs
+    previous, _poison_outputs = _poison_outputs, True
+    try:
+        yield
+    finally:
+        _poison_outputs = previous
+
+
+def new_empty(*shape: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.empty`` on ``like``'s device; NaN-filled under :func:`poison_outputs`."""
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    if _poison_outputs:
+        out.fill_(float("nan"))
+    return out
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32 and half precision accumulate in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, L, D) -> (B, Hkv * groups, L, D): key/value head h serves query heads
+    h * groups ... (h + 1) * groups - 1, as in grouped-query attention."""
+    if groups == 1:
+        return x
+    b, h, length, d = x.shape
+    return x[:, :, None].expand(b, h, groups, length, d).reshape(b, h * groups, length, d)
+
+
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to ``allowed``; rows with nothing allowed are 0.
+
+    Unlike ``softmax(scores.masked_fill(~allowed, -inf))`` this gives zeros, not NaN, on
+    empty rows, in the forward and the backward pass.
+    """
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    empty_row = ~allowed.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(empty_row, 0.0)
+    return torch.softmax(scores, dim=-1).masked_fill(empty_row, 0.0)

@@ -1,0 +1,52 @@
+"""Shared test helpers: relative RMS error, random inputs, calls with a mechanism's options."""
+
+from __future__ import annotations
+
+import torch
+
+import subq
+from subq.registry import Mechanism, Pattern
+
+
+def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """rms(ref - out) / rms(ref), in float64; 0 for two empty or two all-zero tensors."""
+    ref, out = ref.detach().double(), out.detach().double()
+    denom = ref.pow(2).mean().sqrt()
+    num = (ref - out).pow(2).mean().sqrt()
+    if denom == 0:
+        return float(num)
+    return float(num / denom)
+
+
+def random_qkv(batch=2, q_heads=4, kv_heads=2, lq=33, lk=None, dim=16, value_dim=None,
+               dtype=torch.float64, requires_grad=False, generator=None):
+    """Fresh normal q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)."""
+    lk = lq if lk is None else lk
+    value_dim = dim if value_dim is None else value_dim
+    shapes = [(batch, q_heads, lq, dim), (batch, kv_heads, lk, dim),
+              (batch, kv_heads, lk, value_dim)]
+    return [torch.randn(s, dtype=dtype, generator=generator).requires_grad_(requires_grad)
+            for s in shapes]
+
+
+def pattern_lengths(pattern: Pattern, length: int) -> tuple[int, int]:
+    """(Lq, Lk) for a pattern: equal for self attention, different for cross attention."""
+    if pattern.cross:
+        return length, length + 13
+    return length, length
+
+
+def call_options(mech: Mechanism, q, k, v) -> dict:
+    """The mechanism's test options plus the tensor options it needs for these inputs."""
+    generator = torch.Generator().manual_seed(1234)
+    options = dict(mech.test_options)
+    options.update(mech.sample_options(q, k, v, generator=generator))
+    return options
+
+
+def run(fn_name: str, mech: Mechanism, pattern: Pattern, q, k, v, **kwargs):
+    """``subq.attention`` / ``subq.reference`` for one mechanism and pattern."""
+    fn = {"fast": subq.attention, "reference": subq.reference}[fn_name]
+    options = call_options(mech, q, k, v)
+    options.update(kwargs)
+    return fn(q, k, v, method=mech.name, causal=pattern.causal, cross=pattern.cross, **options)
