@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .registry import Pattern, mechanisms
@@ -49,10 +50,11 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from .bench.quick import main as quick_main
-
-    return quick_main(args.lengths)
+#: Modules that add a subcommand through ``add_command(subparsers)``; each sets ``run``
+#: (a function of the parsed arguments returning the exit status) as a parser default.
+COMMAND_MODULES: tuple[str, ...] = (
+    "subq.bench.quick",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,9 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="print the mechanisms and what they support")
     listing.add_argument("--markdown", action="store_true", help="the README's table")
     listing.set_defaults(run=_list)
-    bench = commands.add_parser("bench", help="time mechanisms against dense attention")
-    bench.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    bench.set_defaults(run=_bench)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_command(commands)
     return parser
 
 

@@ -3,6 +3,7 @@ warm-up). The CAB-style efficiency benchmark supersedes it."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
@@ -45,3 +46,9 @@ def main(lengths: list[int]) -> int:
             cells.append(f"{t * 1e3:8.1f}ms {dense_times[n] / t:4.1f}x")
         print(f"{mech.name:<12}" + "".join(f"{c:>16}" for c in cells))
     return 0
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="time mechanisms against dense attention")
+    bench.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    bench.set_defaults(run=lambda args: main(args.lengths))
