@@ -6,7 +6,8 @@
 
 Exact for its mask. The fast path cuts the queries into blocks of ``b`` rows; block n reads
 the key span [n*b - w, n*b + b + w) (causal: [n*b - w, n*b + b)) as a strided view of the
-padded keys, so time is O(L (b + 2w) D) and memory O(L (b + 2w)): never an L x L tensor.
+padded keys, and all blocks go through one fused SDPA call with the in-window mask, so time
+is O(L (b + 2w) D) and memory O(L (b + 2w)): never an L x L tensor.
 Decoding keeps a rolling cache of the last w keys and values. Patterns: noncausal self,
 causal self.
 """
@@ -20,7 +21,6 @@ import torch.nn.functional as F
 
 from ..registry import SELF_PATTERNS, Mechanism, Option
 from . import masks
-from .common import accumulation_dtype, masked_softmax
 from .reference import masked_attention, masked_weights
 
 DEFAULT_WINDOW = 256
@@ -38,12 +38,12 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """Blocked sliding-window attention.
 
     ``q (B, Hq, L, D)``, ``k (B, Hkv, L, D)``, ``v (B, Hkv, L, Dv)`` -> ``(B, Hq, L, Dv)``.
+    Each (query block, key span) pair is one batch entry of a fused SDPA call; the query
+    heads of a GQA group share their key span, so keys are never repeated per head.
     """
     batch, q_heads, length, dim = q.shape
     kv_heads, dv = k.shape[1], v.shape[-1]
     groups = q_heads // kv_heads
-    scale = dim ** -0.5 if scale is None else scale
-    acc = accumulation_dtype(q.dtype)
     w = min(window, length - 1)
     rows = _block_rows(w)
     n_blocks = -(-length // rows)
@@ -51,28 +51,33 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     left, right = w, (0 if causal else w)
     span = rows + left + right
 
-    def key_windows(x: torch.Tensor) -> torch.Tensor:
-        # (B, Hkv, L, d) -> (B, Hkv, n_blocks, span, d): block n sees keys n*rows - w + c.
-        x = F.pad(x.to(acc), (0, 0, left, padded - length + right))
-        return x.unfold(2, span, rows).transpose(-1, -2)
+    def key_spans(x: torch.Tensor) -> torch.Tensor:
+        # (B, Hkv, L, d) -> (B * n_blocks, Hkv, span, d): block n sees keys n*rows - w + c.
+        x = F.pad(x, (0, 0, left, padded - length + right)).unfold(2, span, rows)
+        return x.permute(0, 2, 1, 4, 3).reshape(batch * n_blocks, kv_heads, span, x.shape[3])
 
-    qb = F.pad(q.to(acc), (0, 0, 0, padded - length))
-    qb = qb.view(batch, kv_heads, groups, n_blocks, rows, dim)
-    scores = torch.einsum("bhgnqd,bhnsd->bhgnqs", qb, key_windows(k)) * scale
+    # (B, Hq, L, D) -> (B * n_blocks, Hkv, groups * rows, D): a group's heads share a span.
+    qb = F.pad(q, (0, 0, 0, padded - length)).view(batch, kv_heads, groups, n_blocks, rows, dim)
+    qb = qb.permute(0, 3, 1, 2, 4, 5).reshape(batch * n_blocks, kv_heads, groups * rows, dim)
 
     a = torch.arange(rows, device=q.device)[:, None]
     c = torch.arange(span, device=q.device)[None, :]
-    in_window = (c >= a) & (c <= a + left + right)  # j - i = c - a - w in [-w, right]
+    in_window = ((c >= a) & (c <= a + left + right)).repeat(groups, 1)  # j - i = c - a - w
     key_ok = torch.ones(1, length, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
         key_ok = ~key_padding_mask
-    key_ok = F.pad(key_ok, (left, padded - length + right), value=False)
-    key_ok = key_ok.unfold(1, span, rows)  # (B|1, n_blocks, span)
-    allowed = in_window & key_ok[:, None, None, :, None, :]
+    key_ok = F.pad(key_ok, (left, padded - length + right), value=False).unfold(1, span, rows)
+    key_ok = key_ok.expand(batch, -1, -1).reshape(batch * n_blocks, 1, 1, span)
+    allowed = in_window & key_ok  # (B * n_blocks, 1, groups * rows, span)
+    # An additive mask, built once at this (head-broadcast) size; a query that sees no key
+    # gets a row of -inf, which SDPA turns into a zero output and zero gradients.
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+    bias.masked_fill_(~allowed, float("-inf"))
 
-    p = masked_softmax(scores, allowed)
-    out = torch.einsum("bhgnqs,bhnsd->bhgnqd", p, key_windows(v))
-    return out.reshape(batch, q_heads, padded, dv)[:, :, :length].to(q.dtype)
+    out = F.scaled_dot_product_attention(qb, key_spans(k), key_spans(v), attn_mask=bias,
+                                         scale=scale)
+    out = out.view(batch, n_blocks, kv_heads, groups, rows, dv).permute(0, 2, 3, 1, 4, 5)
+    return out.reshape(batch, q_heads, padded, dv)[:, :, :length]
 
 
 def _allowed(q, k, causal, window, key_padding_mask):
