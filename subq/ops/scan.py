@@ -1,0 +1,465 @@
+"""The Mamba-1 selective scan (S6), with mamba-ssm's ``selective_scan_fn`` semantics.
+
+For every channel ``d`` and state index ``n`` (``[mamba]``, Gu & Dao 2023, eq. 2a-2b with
+zero-order-hold discretisation of A and Euler discretisation of B):
+
+    delta_t = softplus(delta_t + delta_bias)           (bias and softplus optional)
+    h_t     = exp(delta_t * A[d, n]) * h_{t-1} + delta_t * B_t[n] * u_t
+    y_t     = sum_n C_t[n] * h_t[n]  +  D[d] * u_t
+    out_t   = y_t * silu(z_t)                           (gate optional)
+
+Shapes (the layout of mamba-ssm): ``u, delta, z (B, D, L)``; ``A (D, N)``; ``D, delta_bias
+(D,)``; ``B`` and ``C`` each either time-invariant ``(D, N)``, shared by all channels
+``(B, N, L)``, or grouped ``(B, G, N, L)`` with ``D % G == 0`` (channel ``c`` reads group
+``c // (D / G)``; ``G = D`` is per-channel). States are ``(B, D, N)``.
+
+Three forms of the same function:
+
+* :func:`selective_scan_reference`: the explicit loop over t, one :func:`selective_scan_step`
+  per token; what the fast form is held to.
+* :func:`selective_scan`: the fast form, a two-level chunked scan in time-major layout
+  ``(B, L, D, N)``. The sequence is cut into chunks of ``T`` tokens. (1) Within every chunk,
+  all chunks at once, the recurrence ``h_t = a_t h_{t-1} + x_t`` runs from a zero state: ``T``
+  in-place steps ``x_t += a_t x_{t-1}``, each on a contiguous ``(B, K, D, N)`` slice. (2) The
+  chunk entry states are carried across chunks, ``H_{k+1} = P_k H_k + x^{loc}_{k, T-1}``.
+  (3) Each token gets its entry state's contribution ``h_t = x^{loc}_t + P_{k,t} H_k``, where
+  ``P_{k,t} = exp(A * sum_{s<=t in chunk} delta_s)``. Every exponent is a *non-negative* sum of
+  steps times ``A`` (a difference ``cum_t - cum_s`` with ``s <= t``), so nothing is divided and
+  nothing overflows: a decay underflows only where its true value is below the floating-point
+  range (the closed form ``exp(S_t) cumsum(exp(-S_s) x_s)`` is not stable: it overflows once a
+  chunk decays by ~88 nats in float32). The work is that of ~3 sequential scans, in
+  ``O(L / T + T)`` vectorised steps. The sequence is processed in blocks of ``_BLOCK`` tokens
+  with the state carried between blocks, so the ``(B, L, D, N)`` states are never held whole:
+  ``y_t = sum_n C_t h_t`` is taken block by block. The backward pass is a custom autograd
+  function that recomputes each block's states from the saved chunk entry states and runs the
+  adjoint (reverse) scan ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` with the same chunked machinery.
+  Memory is O(B D N (L / T + _BLOCK)) besides the ``(B, D, L)`` inputs and outputs.
+* :func:`selective_scan_step`: one token, for decoding.
+
+Half precision inputs are computed in float32; outputs have ``u``'s dtype, states the
+accumulation dtype (float64 for float64 input, float32 otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .common import accumulation_dtype
+
+ScanResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+_CHUNK = 32  # tokens per chunk (T): the in-chunk loop runs T steps, the carry L / T
+_BLOCK = 1024  # tokens per block (a multiple of _CHUNK): the states held at once
+
+
+def _check(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+           C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+           delta_bias: torch.Tensor | None, initial_state: torch.Tensor | None,
+           time_dim: bool) -> None:
+    """``ValueError`` naming the argument for shapes that do not fit the layout above."""
+    if not isinstance(u, torch.Tensor) or not u.is_floating_point():
+        raise ValueError("u must be a floating-point tensor")
+    if u.dim() != (3 if time_dim else 2):
+        raise ValueError(f"u must be {'(B, D, L)' if time_dim else '(B, D)'}, "
+                         f"got shape {tuple(u.shape)}")
+    batch, channels = u.shape[:2]
+    if A.dim() != 2 or A.shape[0] != channels or A.is_complex():
+        raise ValueError(f"A must be a real (D, N) = ({channels}, N) tensor, "
+                         f"got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, x in (("delta", delta), ("z", z)):
+        if x is not None and x.shape != u.shape:
+            raise ValueError(f"{name} must have u's shape {tuple(u.shape)}, got {tuple(x.shape)}")
+    for name, x in (("D", D), ("delta_bias", delta_bias)):
+        if x is not None and tuple(x.shape) != (channels,):
+            raise ValueError(f"{name} must have shape (D,) = ({channels},), got {tuple(x.shape)}")
+    tail = (u.shape[2],) if time_dim else ()
+    for name, x in (("B", B), ("C", C)):
+        if x.dim() == 2 and time_dim:
+            ok = tuple(x.shape) == (channels, n)
+        elif x.dim() == 2 + time_dim:
+            ok = tuple(x.shape) == (batch, n, *tail)
+        elif x.dim() == 3 + time_dim:
+            ok = (x.shape[0] == batch and x.shape[1] >= 1 and channels % x.shape[1] == 0
+                  and tuple(x.shape[2:]) == (n, *tail))
+        else:
+            ok = False
+        if not ok:
+            forms = "(D, N), (B, N, L) or (B, G, N, L)" if time_dim else "(B, N) or (B, G, N)"
+            raise ValueError(f"{name} must be {forms} with D % G == 0 "
+                             f"for u {tuple(u.shape)} and N={n}, got {tuple(x.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (batch, channels, n):
+        raise ValueError(f"initial_state must be (B, D, N) = ({batch}, {channels}, {n}), "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def _per_channel(x: torch.Tensor, channels: int, time_dim: bool, acc: torch.dtype
+                 ) -> torch.Tensor:
+    """B or C as ``(B|1, D|1, L|1, N)`` (with ``time_dim``) or ``(B, D|1, N)`` (without)."""
+    x = x.to(acc)
+    if x.dim() == 2 and time_dim:  # (D, N): time-invariant
+        return x[None, :, None]
+    if x.dim() == 2 + time_dim:  # (B, N[, L]): shared by all channels
+        return x.transpose(1, 2)[:, None] if time_dim else x[:, None]
+    groups = x.shape[1]  # (B, G, N[, L]): channel c reads group c // (D / G)
+    x = x.repeat_interleave(channels // groups, dim=1)
+    return x.transpose(2, 3) if time_dim else x
+
+
+def _discretise_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None,
+                      delta_softplus: bool, acc: torch.dtype) -> torch.Tensor:
+    delta = delta.to(acc)
+    if delta_bias is not None:
+        bias = delta_bias.to(acc)
+        delta = delta + (bias[:, None] if delta.dim() == 3 else bias)
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _output(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+            acc: torch.dtype) -> torch.Tensor:
+    """``(y + D u) * silu(z)`` with the optional parts left out; ``D`` broadcasts over time."""
+    if D is not None:
+        d = D.to(acc)
+        y = y + u.to(acc) * (d[:, None] if u.dim() == 3 else d)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(u.dtype)
+
+
+def selective_scan_step(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the selective scan: ``h = exp(delta A) h + delta B u``, ``y = C.h + D u``.
+
+    Args:
+        state: ``(B, D, N)``, the state after the previous token (zeros before the first).
+        u, delta, z: ``(B, D)``; ``A (D, N)``; ``D, delta_bias (D,)``.
+        B, C: ``(B, N)`` (shared by all channels) or ``(B, G, N)`` (grouped, ``D % G == 0``);
+            a time-invariant ``(D, N)`` is passed as ``(B, D, N)`` (``expand``).
+
+    Returns:
+        ``(out (B, D) in u's dtype, new state (B, D, N) in the accumulation dtype)``.
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias, state, time_dim=False)
+    return _step(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _step(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    acc = accumulation_dtype(u.dtype)
+    channels = u.shape[1]
+    delta = _discretise_delta(delta, delta_bias, delta_softplus, acc)
+    decay = torch.exp(delta[..., None] * A.to(acc))
+    state = decay * state.to(acc) + (delta * u.to(acc))[..., None] * _per_channel(
+        B, channels, False, acc)
+    y = (state * _per_channel(C, channels, False, acc)).sum(-1)
+    return _output(y, u, D, z, acc), state
+
+
+def selective_scan_reference(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: torch.Tensor | None = None,
+) -> ScanResult:
+    """The selective scan as an explicit loop over time: :func:`selective_scan_step` per token.
+
+    Same arguments and result as :func:`selective_scan`; O(L) sequential steps.
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state, time_dim=True)
+    acc = accumulation_dtype(u.dtype)
+    batch, channels, length = u.shape
+    state = u.new_zeros(batch, channels, A.shape[1], dtype=acc) if initial_state is None \
+        else initial_state.to(acc)
+    if B.dim() == 2:  # time-invariant (D, N) -> one group per channel, constant over time
+        B = B[None, :, :, None].expand(batch, channels, A.shape[1], max(length, 1))
+    if C.dim() == 2:
+        C = C[None, :, :, None].expand(batch, channels, A.shape[1], max(length, 1))
+    outs = []
+    for t in range(length):
+        out, state = _step(state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D,
+                           None if z is None else z[..., t], delta_bias, delta_softplus)
+        outs.append(out)
+    out = torch.stack(outs, dim=-1) if outs else u.new_zeros(u.shape)
+    return (out, state) if return_last_state else out
+
+
+def _scan_chunks(a: torch.Tensor, x: torch.Tensor, h: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: ``x (B, K, T, ...)`` becomes the states of ``h_t = a_t h_{t-1} + x_t`` over the
+    ``K * T`` tokens (chunk-major), from the entry state ``h (B, ...)``; ``a`` becomes the
+    in-chunk decays ``a[:, k, 0] * ... * a[:, k, t]`` (products only).
+
+    Returns the entry state of every chunk ``(B, K, ...)`` and the state after the last token.
+    """
+    for t in range(1, x.shape[2]):
+        x[:, :, t].addcmul_(a[:, :, t], x[:, :, t - 1])
+        a[:, :, t].mul_(a[:, :, t - 1])
+    entries = []
+    for k in range(x.shape[1]):
+        entries.append(h)
+        h = torch.addcmul(x[:, k, -1], a[:, k, -1], h)
+    entries = torch.stack(entries, dim=1)
+    x.addcmul_(a, entries[:, :, None])
+    return entries, h
+
+
+def _adjoint_chunks(a: torch.Tensor, g: torch.Tensor, r: torch.Tensor, rcum: torch.Tensor
+                    ) -> torch.Tensor:
+    """In place: ``g (B, K, T, ...)`` (holding ``c_t``) becomes the adjoint states
+    ``g_t = a_{t+1} g_{t+1} + c_t`` of :func:`_scan_chunks`, where ``r (B, ...)`` flows into
+    the last token from the right (``a_{end+1} g_{end+1}``, or the final state's cotangent).
+
+    ``rcum`` (a buffer of ``g``'s shape) receives ``a[:, k, t+1] * ... * a[:, k, T-1]``.
+    Returns ``a_0 g_0``: what flows on to the left of the first token.
+    """
+    rcum[:, :, -1] = 1.0
+    for t in range(g.shape[2] - 2, -1, -1):
+        g[:, :, t].addcmul_(a[:, :, t + 1], g[:, :, t + 1])
+        torch.mul(a[:, :, t + 1], rcum[:, :, t + 1], out=rcum[:, :, t])
+    inflows = [r] * g.shape[1]
+    for k in range(g.shape[1] - 1, -1, -1):
+        inflows[k] = r
+        r = a[:, k, 0] * torch.addcmul(g[:, k, 0], rcum[:, k, 0], r)
+    g.addcmul_(rcum, torch.stack(inflows, dim=1)[:, :, None])
+    return r
+
+
+def _chunked(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``(B, K * T, ...)`` -> ``(B, K, T, ...)`` (a view)."""
+    return x.unflatten(1, (x.shape[1] // chunk, chunk))
+
+
+def _tslice(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Tokens ``start:stop`` of a time-major ``(B|1, L|1, G, N)`` tensor (``L = 1``: constant)."""
+    return x if x.shape[1] == 1 else x[:, start:stop]
+
+
+def _sum_n(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``sum_n h[b, s, d, n] c[b, s, d // (D / G), n]``: ``h (B, S, D, N)``, ``c (B|1, S|1, G,
+    N)`` -> ``(B, S, D)``."""
+    groups = c.shape[2]
+    hg = h.unflatten(2, (groups, h.shape[2] // groups))
+    if hg.shape[3] == 1:
+        return (hg * c[:, :, :, None]).sum(-1).flatten(2)
+    return torch.matmul(hg, c[..., None]).flatten(2)
+
+
+def _sum_d(w: torch.Tensor, h: torch.Tensor, groups: int) -> torch.Tensor:
+    """``sum_{d in group g} w[b, s, d] h[b, s, d, n]``: ``w (B, S, D)``, ``h (B, S, D, N)`` ->
+    ``(B, S, G, N)``."""
+    hg = h.unflatten(2, (groups, h.shape[2] // groups))
+    wg = w.unflatten(2, (groups, w.shape[2] // groups))
+    if hg.shape[3] == 1:
+        return hg[:, :, :, 0] * wg
+    return torch.matmul(wg[..., None, :], hg)[..., 0, :]
+
+
+def _sum_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over the leading dims where ``like`` has size 1 (broadcast, not stored)."""
+    dims = [i for i in range(2) if like.shape[i] == 1 and x.shape[i] != 1]
+    return x.sum(dims, keepdim=True) if dims else x
+
+
+def _block_terms(delta: torch.Tensor, u: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor,
+                 start: int, decay: torch.Tensor, drive: torch.Tensor) -> None:
+    """Write the decays ``exp(delta_t A)`` and drives ``delta_t B_t u_t`` ``(B, S, D, N)`` of
+    the ``S`` tokens from ``start`` into ``decay`` and ``drive``."""
+    stop = start + decay.shape[1]
+    dl = delta[:, start:stop]
+    torch.mul(dl[..., None], A, out=decay).exp_()
+    groups = Bm.shape[2]
+    torch.mul((dl * u[:, start:stop]).unflatten(2, (groups, -1))[..., None],
+              _tslice(Bm, start, stop)[:, :, :, None], out=drive.unflatten(2, (groups, -1)))
+
+
+def _blocks(length: int) -> list[tuple[int, int]]:
+    return [(start, min(start + _BLOCK, length)) for start in range(0, length, _BLOCK)]
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """``y_t = sum_n C_t h_t`` and the last state, time-major: ``delta, u (B, L, D)`` (L a
+    multiple of ``_CHUNK``), ``A (D, N)``, ``B, C (B|1, L|1, G, N)``, ``h0 (B, D, N)``."""
+
+    @staticmethod
+    def forward(ctx, delta, u, A, Bm, Cm, h0):
+        chunk, shape = _CHUNK, (*delta.shape[:1], min(_BLOCK, delta.shape[1]), *A.shape)
+        decay_buf, drive_buf = delta.new_empty(shape), delta.new_empty(shape)
+        y = torch.empty_like(delta)
+        entries, h = [], h0
+        for start, stop in _blocks(delta.shape[1]):
+            decay, drive = decay_buf[:, :stop - start], drive_buf[:, :stop - start]
+            _block_terms(delta, u, A, Bm, start, decay, drive)
+            block_entries, h = _scan_chunks(_chunked(decay, chunk), _chunked(drive, chunk), h)
+            entries.append(block_entries)
+            y[:, start:stop] = _sum_n(drive, _tslice(Cm, start, stop))
+        ctx.save_for_backward(delta, u, A, Bm, Cm, torch.cat(entries, dim=1))
+        return y, h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dh_last):
+        delta, u, A, Bm, Cm, entries = ctx.saved_tensors
+        chunk, shape = _CHUNK, (*delta.shape[:1], min(_BLOCK, delta.shape[1]), *A.shape)
+        decay_buf, g_buf, rcum_buf = (delta.new_empty(shape) for _ in range(3))
+        buf = delta.new_empty(shape[0], shape[1] + 1, *shape[2:])
+        ddelta, du = torch.empty_like(delta), torch.empty_like(u)
+        dA, dB, dC = torch.zeros_like(A), torch.zeros_like(Bm), torch.zeros_like(Cm)
+        r = dh_last
+        for start, stop in reversed(_blocks(delta.shape[1])):
+            size, first = stop - start, start // chunk
+            dl, ub, dyb = delta[:, start:stop], u[:, start:stop], dy[:, start:stop]
+            Bb, Cb = _tslice(Bm, start, stop), _tslice(Cm, start, stop)
+            decay, g = decay_buf[:, :size], g_buf[:, :size]
+            # States, recomputed from the saved chunk entry states: buf[:, s + 1] = h_s.
+            states, previous = buf[:, 1:size + 1], buf[:, :size]
+            _block_terms(delta, u, A, Bm, start, decay, states)
+            a, h = _chunked(decay, chunk), _chunked(states, chunk)
+            buf[:, 0] = entries[:, first]
+            h[:, :, 0].addcmul_(a[:, :, 0], entries[:, first:first + h.shape[1]])
+            for t in range(1, chunk):
+                h[:, :, t].addcmul_(a[:, :, t], h[:, :, t - 1])
+            dC_block = _sum_d(dyb, states, Cm.shape[2])
+            torch.mul(dyb.unflatten(2, (Cm.shape[2], -1))[..., None], Cb[:, :, :, None],
+                      out=g.unflatten(2, (Cm.shape[2], -1)))
+            r = _adjoint_chunks(a, _chunked(g, chunk), r, _chunked(rcum_buf[:, :size], chunk))
+            gB = _sum_n(g, Bb)
+            dB_block = _sum_d(dl * ub, g, Bm.shape[2])
+            for grad, block, full in ((dB, dB_block, Bm), (dC, dC_block, Cm)):
+                if full.shape[1] == 1:
+                    grad += _sum_to(block.sum(1, keepdim=True), full)
+                else:
+                    grad[:, start:stop] = _sum_to(block, full)
+            dlog_decay = g.mul_(decay).mul_(previous)  # d loss / d (delta_t A)
+            dA += (dlog_decay * dl[..., None]).sum((0, 1))
+            ddelta[:, start:stop] = torch.einsum("bsdn,dn->bsd", dlog_decay, A) + ub * gB
+            du[:, start:stop] = dl * gB
+        return ddelta, du, dA, dB, dC, r
+
+
+class _LinearRecurrence(torch.autograd.Function):
+    """:func:`linear_recurrence` in time-major layout ``(B, L, ...)``, L a multiple of the
+    chunk; the backward runs the adjoint scan."""
+
+    @staticmethod
+    def forward(ctx, a, x):
+        states = x.clone()
+        _scan_chunks(_chunked(a.clone(), _CHUNK), _chunked(states, _CHUNK),
+                     torch.zeros_like(x[:, 0]))
+        ctx.save_for_backward(a, states)
+        return states
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh):
+        a, states = ctx.saved_tensors
+        g = dh.clone()
+        _adjoint_chunks(_chunked(a, _CHUNK), _chunked(g, _CHUNK), torch.zeros_like(dh[:, 0]),
+                        _chunked(torch.empty_like(a), _CHUNK))
+        previous = torch.zeros_like(states)
+        previous[:, 1:] = states[:, :-1]
+        return g * previous, g
+
+
+def _pad_time(x: torch.Tensor, length: int, value: float = 0.0) -> torch.Tensor:
+    """Pad dim 1 of ``x`` to ``length`` with ``value``."""
+    extra = length - x.shape[1]
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, extra), value=value) if extra else x
+
+
+def _padded_length(length: int) -> int:
+    return -(-length // _CHUNK) * _CHUNK
+
+
+def linear_recurrence(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """All states of ``h_t = a_t * h_{t-1} + x_t`` with ``h_{-1} = 0``, along dim 2.
+
+    ``a``, ``x``: equal shapes ``(B, D, L, N)`` (time at dim 2). The chunked scan of
+    :func:`selective_scan` (decays only multiplied, never divided);
+    differentiable (the backward runs the adjoint scan).
+    """
+    length = a.shape[2]
+    if length == 0:
+        return x.clone()
+    padded = _padded_length(length)
+    a_t = _pad_time(a.movedim(2, 1), padded, 1.0).contiguous()
+    x_t = _pad_time(x.movedim(2, 1), padded).contiguous()
+    return _LinearRecurrence.apply(a_t, x_t)[:, :length].movedim(1, 2)
+
+
+def _time_major_bc(x: torch.Tensor, padded: int, acc: torch.dtype) -> torch.Tensor:
+    """B or C as ``(B|1, L|1, G, N)``: ``(D, N)`` -> ``(1, 1, D, N)``, ``(B, N, L)`` ->
+    ``(B, L, 1, N)``, ``(B, G, N, L)`` -> ``(B, L, G, N)``; time padded with zeros."""
+    x = x.to(acc)
+    if x.dim() == 2:
+        return x[None, None]
+    if x.dim() == 3:
+        x = x[:, None]
+    return _pad_time(x.permute(0, 3, 1, 2), padded).contiguous()
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: torch.Tensor | None = None,
+) -> ScanResult:
+    """Mamba-1 selective scan, fast chunked form (see the module docstring for the math).
+
+    Args:
+        u: ``(B, D, L)`` input.
+        delta: ``(B, D, L)`` step sizes (before ``delta_bias`` and the optional softplus).
+        A: ``(D, N)`` state matrix (diagonal per channel; real, usually negative).
+        B, C: ``(D, N)``, ``(B, N, L)`` or ``(B, G, N, L)`` input and output projections.
+        D: ``(D,)`` skip connection, or None.
+        z: ``(B, D, L)`` gate (``out *= silu(z)``), or None.
+        delta_bias: ``(D,)`` added to delta, or None.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        return_last_state: also return the state after the last token.
+        initial_state: ``(B, D, N)`` state before the first token (zeros if None).
+
+    Returns:
+        ``out (B, D, L)`` in u's dtype, and with ``return_last_state`` the final state
+        ``(B, D, N)`` in the accumulation dtype. Scanning ``[x1; x2]`` equals scanning ``x2``
+        from the final state of ``x1``.
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state, time_dim=True)
+    acc = accumulation_dtype(u.dtype)
+    batch, channels, length = u.shape
+    state0 = u.new_zeros(batch, channels, A.shape[1], dtype=acc) if initial_state is None \
+        else initial_state.to(acc)
+    if length == 0:
+        out = u.new_zeros(u.shape)
+        return (out, state0) if return_last_state else out
+    padded = _padded_length(length)
+    delta_t = _pad_time(_discretise_delta(delta, delta_bias, delta_softplus, acc)
+                        .transpose(1, 2), padded).contiguous()
+    u_t = _pad_time(u.to(acc).transpose(1, 2), padded).contiguous()
+    y, last = _SelectiveScan.apply(delta_t, u_t, A.to(acc), _time_major_bc(B, padded, acc),
+                                   _time_major_bc(C, padded, acc), state0)
+    out = _output(y[:, :length].transpose(1, 2), u, D, z, acc)
+    return (out, last) if return_last_state else out
