@@ -1,0 +1,69 @@
+"""NTK-Attention's learned prefix summaries as parameters (``ntk`` in DESIGN.md; Liang et
+al., "Toward Infinite-Long Prefix in Transformer").
+
+:class:`NTKPrefix` holds ``Z (1, h, d, dv)`` and ``k (1, h, d)`` per layer (h (d dv + d)
+numbers, h (d^2 + d) for dv = d), zero-initialised so that the layer starts as the frozen
+model, and computes
+
+    out = (exp(Q K^T / sqrt(d)) V + phi(Q) Z) / (exp(Q K^T / sqrt(d)) 1 + phi(Q) |k|)
+
+through ``subq.attention(method="ntk")``. :class:`NTKSelfAttention` is a multi-head self
+attention (``qkv``/``proj`` like :class:`subq.nn.dit.SoftmaxAttention`) with such a prefix;
+``subq.recipes.peft.add_ntk_attention`` swaps it into a pretrained model.
+
+Note (as in the released code): ``|k|`` has zero gradient at ``k = 0``, so from the zero
+initialisation only ``Z`` learns unless ``k`` is set away from zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import subq
+
+from .dit import merge_heads, split_heads
+
+
+class NTKPrefix(nn.Module):
+    """Trainable prefix summaries ``z (1, heads, head_dim, value_dim)``, ``kz (1, heads,
+    head_dim)``; ``forward(q, k, v, causal=False)`` with ``q (B, heads, L, head_dim)``."""
+
+    def __init__(self, heads: int, head_dim: int, value_dim: int | None = None) -> None:
+        super().__init__()
+        value_dim = head_dim if value_dim is None else value_dim
+        self.z = nn.Parameter(torch.zeros(1, heads, head_dim, value_dim))
+        self.kz = nn.Parameter(torch.zeros(1, heads, head_dim))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                causal: bool = False) -> torch.Tensor:
+        return subq.attention(q, k, v, method="ntk", causal=causal, z=self.z.to(q.dtype),
+                              kz=self.kz.to(q.dtype))
+
+
+class NTKSelfAttention(nn.Module):
+    """Multi-head self attention with an NTK prefix: ``qkv = Linear(D, 3D)``, NTK-Attention,
+    ``proj``. Called as ``attn(x, H, W)`` (the grid is unused) like the DiT attention modules;
+    ``causal`` for language models."""
+
+    def __init__(self, dim: int, heads: int = 6, qkv_bias: bool = True,
+                 causal: bool = False) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.prefix = NTKPrefix(heads, dim // heads)
+
+    @classmethod
+    def wrap(cls, attn: nn.Module, causal: bool = False) -> NTKSelfAttention:
+        """An NTK attention sharing ``attn``'s ``qkv`` and ``proj`` (and ``heads``) modules."""
+        new = cls(attn.qkv.in_features, attn.heads, causal=causal)
+        new.qkv, new.proj = attn.qkv, attn.proj
+        return new.to(attn.qkv.weight.device)
+
+    def forward(self, x: torch.Tensor, height: int | None = None,
+                width: int | None = None) -> torch.Tensor:
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.proj(merge_heads(self.prefix(q, k, v, causal=self.causal)))
