@@ -1,0 +1,270 @@
+"""subq mechanisms inside Hugging Face transformers' attention interface.
+
+    >>> from subq.integrations.transformers import patch
+    >>> model = AutoModelForCausalLM.from_pretrained(path)
+    >>> patch(model, "hip", layers=range(3, 30))      # first 3 layers stay dense
+
+:func:`register` adds every registered mechanism to ``transformers.AttentionInterface`` as
+``"subq_<name>"`` (and a matching entry to ``AttentionMaskInterface``), so that
+``from_pretrained(..., attn_implementation="subq_local")`` or
+``model.set_attn_implementation("subq_local")`` runs the whole model on it. Options come from
+``model.config.subq_options`` (a dict, the mechanism's defaults where absent).
+:func:`patch` swaps chosen layers only, each with its own options.
+
+What an attention function receives (transformers 5.x, e.g. ``LlamaAttention.forward``):
+``module`` (with ``is_causal``, ``layer_idx``), ``query (B, Hq, Lq, D)``, ``key``/``value``
+``(B, Hkv, Lk, D)`` after RoPE and after the KV cache update (grouped-query heads as they
+are: subq takes ``Hq % Hkv == 0`` directly), ``attention_mask`` as built by the mask
+function registered under the same name, ``dropout``, ``scaling``; it returns the output
+``(B, Lq, Hq, Dv)`` and the attention weights (``None`` here, as for ``sdpa``).
+
+Masks. The mask function registered for ``subq_<name>`` does not build the
+``(B, 1, Lq, Lk)`` mask: it returns ``None`` when no key is padding and otherwise the
+``(B, Lk)`` bool padding mask (``True`` = keep, HF's convention), which the attention
+function turns into subq's ``key_padding_mask`` (``True`` = ignore). A mechanism that cannot
+take padding raises ``NotImplementedError`` naming ``key_padding_mask``. Custom mask patterns
+(sliding-window or chunked layers, packed sequences, extra ``or``/``and`` masks, a ready 4-D
+mask) raise ``NotImplementedError``.
+
+Causality and the KV cache. ``Lq == Lk`` (training, scoring, the prefill of generation) is
+ordinary self attention, causal if ``module.is_causal``; a non-causal ``Lq != Lk`` is cross
+attention. A causal call with ``Lq < Lk`` is generation with a cache: the ``Lq`` new queries
+sit at the end of the ``Lk`` keys (bottom-right aligned causality), and each is fed through
+the mechanism's ``step``. Its decoding state lives on the attention module beside the
+transformers cache; when it does not match the cache (the first step after a prefill, or a
+new prompt), it is rebuilt by stepping through the cached keys and values with the queries
+of the layer's last causal prefill (kept, detached, for that purpose), the state HiP's
+search reads its representative queries from. Without a matching prefill (the cache holds
+no queries) the rebuild steps with zero queries: still exact for mechanisms whose state is
+a function of the keys and values alone (``dense``'s KV cache, ``local``'s window).
+Generation with a padded batch raises ``NotImplementedError`` (``step`` takes no
+``key_padding_mask``). Only the default ``DynamicCache`` is supported.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    bidirectional_mask_function,
+    causal_mask_function,
+    prepare_padding_mask,
+)
+
+import subq
+from subq import registry
+
+PREFIX = "subq_"
+_UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias")
+
+
+def implementation_name(method: str) -> str:
+    """The attention-interface name of a subq mechanism: ``"subq_<method>"``."""
+    return PREFIX + registry.get(method).name
+
+
+def register() -> list[str]:
+    """Register every subq mechanism with transformers; returns the names (idempotent)."""
+    names = []
+    for mech in registry.mechanisms():
+        name = PREFIX + mech.name
+        AttentionInterface.register(name, functools.partial(attention_forward, method=mech.name))
+        AttentionMaskInterface.register(name, padding_mask)
+        names.append(name)
+    return names
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
+                 kv_offset: int = 0, mask_function=causal_mask_function,
+                 attention_mask: torch.Tensor | None = None, **kwargs: Any
+                 ) -> torch.Tensor | None:
+    """transformers' mask hook for subq: ``None`` or the ``(B, Lk)`` keep mask of the keys.
+
+    Called by ``create_causal_mask``/``create_bidirectional_mask`` with the 2-D
+    ``attention_mask`` (``True`` = real token) that covers the cached and the new tokens.
+    """
+    if mask_function not in (causal_mask_function, bidirectional_mask_function):
+        raise NotImplementedError(
+            "subq attention takes causal or bidirectional attention with key padding; this "
+            "model asks for another mask pattern (sliding window, chunks, packed sequences or "
+            "an extra mask function)")
+    keep = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if keep is None:
+        return None
+    keep = keep[:, kv_offset:kv_offset + kv_length]
+    return None if bool(keep.all()) else keep
+
+
+def _key_padding_mask(attention_mask: torch.Tensor | None, key: torch.Tensor
+                      ) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
+        raise NotImplementedError(
+            "subq attention takes a 2-D padding attention_mask (batch, keys); got "
+            f"{tuple(attention_mask.shape)} {attention_mask.dtype} (a ready 4-D mask or a "
+            "custom mask pattern cannot be turned into subq's key_padding_mask)")
+    if attention_mask.shape != (key.shape[0], key.shape[2]):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                         f"(batch, keys)={(key.shape[0], key.shape[2])}")
+    return ~attention_mask
+
+
+def _method_and_options(module: torch.nn.Module, method: str) -> tuple[str, dict[str, Any]]:
+    override = getattr(module, "subq_attention", None)
+    if override is not None:
+        return override
+    return method, dict(getattr(getattr(module, "config", None), "subq_options", None) or {})
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None,
+                      dropout: float = 0.0, scaling: float | None = None, *, method: str,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The function registered as ``"subq_<method>"`` (see the module docstring).
+
+    ``query (B, Hq, Lq, D)``, ``key (B, Hkv, Lk, D)``, ``value (B, Hkv, Lk, Dv)`` ->
+    ``((B, Lq, Hq, Dv), None)``.
+    """
+    method, options = _method_and_options(module, method)
+    if dropout:
+        raise NotImplementedError(f"subq attention {method!r} applies no attention dropout; "
+                                  f"got dropout={dropout} (call model.eval())")
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"subq attention {method!r} does not take {name!r}")
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    key_padding_mask = _key_padding_mask(attention_mask, key)
+    lq, lk = query.shape[2], key.shape[2]
+    if causal and lq < lk:
+        out = _decode(module, method, options, query, key, value, key_padding_mask, scaling)
+    else:
+        out = subq.attention(query, key, value, method=method, causal=causal,
+                             cross=lq != lk, scale=scaling, key_padding_mask=key_padding_mask,
+                             **options)
+        if causal and lq == lk and registry.get(method).decodes:
+            module._subq_prefill = _Prefill(query.detach(), _checksum(key))
+    return out.transpose(1, 2).contiguous(), None
+
+
+@dataclass
+class _Prefill:
+    """The queries of a layer's last causal prefill and a checksum of its keys."""
+
+    queries: torch.Tensor
+    checksum: torch.Tensor
+
+
+@dataclass
+class _DecodeRecord:
+    """A mechanism's decoding state and the cached keys it has consumed (as a checksum)."""
+
+    method: str
+    state: Any
+    length: int
+    checksum: torch.Tensor
+
+
+def _checksum(key: torch.Tensor) -> torch.Tensor:
+    return key.sum(dim=2, dtype=torch.float64)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-9, atol=1e-9))
+
+
+def _decode(module, method, options, query, key, value, key_padding_mask, scaling):
+    if key_padding_mask is not None:
+        raise NotImplementedError(
+            f"generation with a padded batch: subq's step for {method!r} takes no "
+            "key_padding_mask; generate with batch size 1 or prompts of equal length")
+    past = key.shape[2] - query.shape[2]
+    record = getattr(module, "_subq_decode", None)
+    past_sum = _checksum(key[:, :, :past])
+    if (record is None or record.method != method or record.length != past
+            or not _same(record.checksum, past_sum)):
+        prefill = getattr(module, "_subq_prefill", None)
+        queries = (prefill.queries if prefill is not None and prefill.queries.shape[2] == past
+                   and _same(prefill.checksum, past_sum) else None)
+        record = _DecodeRecord(method, _replay(method, options, queries, query,
+                                               key[:, :, :past], value[:, :, :past], scaling),
+                               past, past_sum)
+    state, outs = record.state, []
+    for t in range(past, key.shape[2]):
+        out_t, state = subq.step(query[:, :, t - past:t - past + 1], key[:, :, t:t + 1],
+                                 value[:, :, t:t + 1], state, method, scale=scaling, **options)
+        outs.append(out_t)
+    module._subq_decode = _DecodeRecord(method, state, key.shape[2], _checksum(key))
+    return torch.cat(outs, dim=2)
+
+
+def _replay(method, options, queries, query, key, value, scaling):
+    """A decoding state that has consumed ``key``/``value`` ``(B, Hkv, T, D)``, stepped with
+    ``queries (B, Hq, T, D)`` (the prefill's) or, when None, zeros shaped like ``query``."""
+    state = subq.init_state(method, batch=key.shape[0], kv_heads=key.shape[1],
+                            head_dim=key.shape[-1], value_dim=value.shape[-1], dtype=key.dtype,
+                            device=key.device, **options)
+    blank = query.new_zeros(query.shape[0], query.shape[1], 1, query.shape[-1])
+    for t in range(key.shape[2]):
+        q_t = blank if queries is None else queries[:, :, t:t + 1]
+        _, state = subq.step(q_t, key[:, :, t:t + 1], value[:, :, t:t + 1], state, method,
+                             scale=scaling, **options)
+    return state
+
+
+def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The model's attention modules by ``layer_idx`` (classes named ``*Attention``)."""
+    found = {}
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and type(module).__name__.endswith("Attention"):
+            found[idx] = module
+    return dict(sorted(found.items()))
+
+
+def patch(model: torch.nn.Module, method: str, layers: Iterable[int] | None = None,
+          **options: Any) -> list[int]:
+    """Run the attention of ``layers`` (all by default) through subq mechanism ``method``.
+
+    Layers not named keep what they had: the model is switched to ``"subq_dense"`` (exact
+    softmax attention through ``torch`` SDPA, subq's padding handling) unless it already uses
+    a ``subq_`` implementation. Options are checked now. Returns the patched layer indices.
+    """
+    mech = registry.get(method)
+    mech.resolve_options(options)
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError("found no attention module with a layer_idx in this model")
+    chosen = list(modules) if layers is None else sorted(set(layers))
+    missing = [i for i in chosen if i not in modules]
+    if missing:
+        raise ValueError(f"layers {missing} do not exist; the model has layers "
+                         f"{min(modules)}..{max(modules)}")
+    register()
+    for i in chosen:
+        modules[i].subq_attention = (mech.name, dict(options))
+    if not str(model.config._attn_implementation).startswith(PREFIX):
+        model.set_attn_implementation(PREFIX + "dense")
+    return chosen
+
+
+def unpatch(model: torch.nn.Module, layers: Iterable[int] | None = None) -> None:
+    """Undo :func:`patch` on ``layers`` (all by default): they follow the model's setting."""
+    modules = attention_modules(model)
+    for i in modules if layers is None else layers:
+        modules[i].__dict__.pop("subq_attention", None)
+        modules[i].__dict__.pop("_subq_decode", None)
+        modules[i].__dict__.pop("_subq_prefill", None)
+
+
+def patched_layers(model: torch.nn.Module) -> Mapping[int, tuple[str, dict[str, Any]]]:
+    """``{layer: (method, options)}`` of the layers :func:`patch` swapped."""
+    return {i: m.subq_attention for i, m in attention_modules(model).items()
+            if getattr(m, "subq_attention", None) is not None}

