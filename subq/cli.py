@@ -53,7 +53,9 @@ def _list(args: argparse.Namespace) -> int:
 #: Modules that add a subcommand through ``add_command(subparsers)``; each sets ``run``
 #: (a function of the parsed arguments returning the exit status) as a parser default.
 COMMAND_MODULES: tuple[str, ...] = (
-    "subq.bench.quick",
+    "subq.bench.command",
+    "subq.bench.lm_eval",
+    "subq.recipes.recall",
 )
 
 

@@ -1,0 +1,147 @@
+"""Measuring one configuration (method x pattern x length): inputs, forward and
+forward+backward median times, the error against dense attention, and the memory job that
+runs in a fresh child process."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..registry import Pattern
+from .memory import peak_bytes
+from .methods import Attend, all_methods
+
+_MIB = 2.0 ** 20
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration; ``threads`` is the fixed intra-op thread count."""
+
+    method: str
+    pattern: str
+    length: int
+    batch: int = 1
+    heads: int = 8
+    dim: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    threads: int = 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_inputs(config: Config, requires_grad: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normal q, k, v ``(B, H, L, D)``: the same for every method at one (pattern, L)."""
+    pattern_index = list(Pattern).index(Pattern(config.pattern))
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + config.length * 4
+                                              + pattern_index)
+    shape = (config.batch, config.heads, config.length, config.dim)
+    dtype = getattr(torch, config.dtype)
+    return tuple(torch.randn(shape, generator=generator).to(config.device, dtype)
+                 .requires_grad_(requires_grad) for _ in range(3))
+
+
+def build(config: Config, q, k, v) -> Attend:
+    method = all_methods()[config.method]
+    return method.build(q, k, v, Pattern(config.pattern), config.seed)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(work: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+    """Wall times in ms of ``repeats`` synchronised runs of ``work`` (warm it up first)."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        work()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def forward_backward(call: Attend, q, k, v, cotangent: torch.Tensor) -> None:
+    for x in (q, k, v):
+        x.grad = None
+    call(q, k, v).backward(cotangent)
+
+
+def repeats_for(first_ms: float, target_ms: float, minimum: int, maximum: int) -> int:
+    """At least ``minimum`` timed runs, more (up to ``maximum``) while they fit ``target_ms``."""
+    if first_ms <= 0:
+        return maximum
+    return int(max(minimum, min(maximum, target_ms // first_ms)))
+
+
+def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """rms(ref - out) / rms(ref), in float64."""
+    ref, out = ref.detach().double(), out.detach().double()
+    return float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
+
+
+def memory_job(config: Config) -> dict:
+    """Peak memory (MiB above the baseline after imports, inputs and one warm-up forward) of
+    one forward call and of one forward+backward call; run in a fresh child process."""
+    torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    q, k, v = make_inputs(config, requires_grad=True)
+    call = build(config, q, k, v)
+    cotangent = torch.randn_like(q)
+    result = {}
+
+    def forward():
+        with torch.no_grad():
+            call(q, k, v)
+
+    forward()  # warm-up: one-time allocations (thread pools, caches) are not the method's
+    result["mem_fwd_mib"] = peak_bytes(forward, device) / _MIB
+    try:
+        result["mem_fwd_bwd_mib"] = peak_bytes(
+            lambda: forward_backward(call, q, k, v, cotangent), device) / _MIB
+    except Exception as exc:  # a method without a backward still has a forward peak
+        result["mem_fwd_bwd_error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def time_config(config: Config, dense_out: torch.Tensor | None, target_ms: float = 1000.0,
+                min_repeats: int = 5, max_repeats: int = 20) -> dict:
+    """Median forward (no grad) and forward+backward times after one warm-up each, and the
+    relative RMS error against ``dense_out`` (when given) on the same inputs."""
+    device = torch.device(config.device)
+    q, k, v = make_inputs(config, requires_grad=True)
+    call = build(config, q, k, v)
+    cotangent = torch.randn_like(q)
+    result: dict = {}
+
+    def forward():
+        with torch.no_grad():
+            return call(q, k, v)
+
+    first = median_ms(forward, 1, device)[0]
+    out = forward()
+    if dense_out is not None:
+        result["rel_rms_vs_dense"] = rel_rms(dense_out, out)
+    del out
+    repeats = repeats_for(first, target_ms, min_repeats, max_repeats)
+    fwd = median_ms(forward, repeats, device)
+    result.update(fwd_ms=statistics.median(fwd), fwd_times_ms=fwd, repeats=repeats)
+    try:
+        fb_first = median_ms(lambda: forward_backward(call, q, k, v, cotangent), 1, device)[0]
+        fb_repeats = repeats_for(fb_first, target_ms, min_repeats, max_repeats)
+        fb = median_ms(lambda: forward_backward(call, q, k, v, cotangent), fb_repeats, device)
+        result.update(fwd_bwd_ms=statistics.median(fb), fwd_bwd_times_ms=fb,
+                      fwd_bwd_repeats=fb_repeats)
+    except Exception as exc:  # recorded: a forward-only method still has forward numbers
+        result["fwd_bwd_error"] = f"{type(exc).__name__}: {exc}"
+    return result

@@ -1,0 +1,187 @@
+"""report.md and the PNG plots of an efficiency run, from its results.json alone."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+from subq.registry import Pattern
+
+from .cab import efficiency_length, measured_crossover
+
+BASELINES = ("dense", "vanilla")
+_METRICS = {"fwd_ms": "forward time (ms)", "fwd_bwd_ms": "forward+backward time (ms)",
+            "mem_fwd_mib": "forward peak memory (MiB)",
+            "mem_fwd_bwd_mib": "forward+backward peak memory (MiB)"}
+
+
+def load(folder: Path) -> dict:
+    return json.loads((Path(folder) / "results.json").read_text())
+
+
+def _index(results: dict) -> dict[tuple[str, str, int], dict]:
+    return {(r["method"], r["pattern"], r["length"]): r for r in results["rows"]}
+
+
+def _methods(results: dict, pattern: str) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in results["rows"]:
+        if r["pattern"] == pattern:
+            seen.setdefault(r["method"], None)
+    return list(seen)
+
+
+def _lengths(results: dict) -> list[int]:
+    return sorted({r["length"] for r in results["rows"]})
+
+
+def _patterns(results: dict) -> list[str]:
+    present = {r["pattern"] for r in results["rows"]}
+    return [p.value for p in Pattern if p.value in present]
+
+
+def _source(results: dict, method: str) -> str:
+    row = next(r for r in results["rows"] if r["method"] == method)
+    return {"subq": "subq", "peer": f"peer ({row.get('label', '').removeprefix('peer: ')})",
+            "baseline": "baseline"}.get(row["source"], row["source"])
+
+
+def series(results: dict, method: str, pattern: str, key: str) -> list[tuple[int, float]]:
+    """(L, value) for every length where ``method`` has ``key`` measured."""
+    index = _index(results)
+    out = []
+    for n in _lengths(results):
+        row = index.get((method, pattern, n))
+        if row and row.get("status") == "ok" and row.get(key) is not None:
+            out.append((n, float(row[key])))
+    return out
+
+
+def efficiency(results: dict, method: str, pattern: str, key: str, baseline: str = "dense"
+               ) -> tuple[float | None, int | None]:
+    """CAB's efficiency length and the measured crossover of ``method`` against ``baseline``
+    on ``key``; times fit the line without the smallest common length, as CAB does."""
+    base = dict(series(results, baseline, pattern, key))
+    mine = dict(series(results, method, pattern, key))
+    common = sorted(set(base) & set(mine))
+    if not common:
+        return None, None
+    line_from = common[1] if key.endswith("_ms") and len(common) >= 4 else 0
+    length = efficiency_length(common, [base[n] for n in common], [mine[n] for n in common],
+                               line_from=line_from)
+    return length, measured_crossover(common, [base[n] for n in common],
+                                      [mine[n] for n in common])
+
+
+def _cell(row: dict | None, key: str, dense: dict | None) -> str:
+    if row is None:
+        return ""
+    if row["status"] != "ok":
+        return row["status"]
+    value = row.get(key)
+    if value is None:
+        return "error" if row.get("fwd_bwd_error") or row.get("memory_error") else "—"
+    text = f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+    base = None if dense is None or dense.get("status") != "ok" else dense.get(key)
+    return f"{text} ({value / base:.2f}×)" if base else text
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _fmt_length(x: float | None) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:,.0f}"
+
+
+def pattern_section(results: dict, pattern: str) -> list[str]:
+    index, lengths = _index(results), _lengths(results)
+    methods = _methods(results, pattern)
+    lines = [f"## {pattern}", ""]
+    for key, title in _METRICS.items():
+        lines += [f"**{title}** (ratio to `dense`)", ""]
+        lines += _table(["method", "source", *[f"L={n}" for n in lengths]], (
+            [f"`{m}`", _source(results, m),
+             *[_cell(index.get((m, pattern, n)), key, index.get(("dense", pattern, n)))
+               for n in lengths]] for m in methods))
+        lines.append("")
+    lines += ["**CAB efficiency length** (forward; the length from which the method is "
+              "cheaper: quadratic fit of the baseline, line fit of the method, larger root; "
+              "measured crossover in brackets)", ""]
+    rows = []
+    for m in methods:
+        if m in BASELINES:
+            continue
+        cells = [f"`{m}`", _source(results, m)]
+        for baseline in BASELINES:
+            for key in ("fwd_ms", "mem_fwd_mib"):
+                fitted, measured = efficiency(results, m, pattern, key, baseline)
+                cells.append(f"{_fmt_length(fitted)} ({_fmt_length(measured)})")
+        rows.append(cells)
+    lines += _table(["method", "source", "time vs dense", "memory vs dense", "time vs vanilla",
+                     "memory vs vanilla"], rows)
+    error_lengths = [n for n in lengths if any(
+        index.get((m, pattern, n), {}).get("rel_rms_vs_dense") is not None for m in methods)]
+    if error_lengths:
+        lines += ["", "**relative RMS error vs dense** (same inputs)", ""]
+        lines += _table(["method", *[f"L={n}" for n in error_lengths]], (
+            [f"`{m}`", *[_error_cell(index.get((m, pattern, n))) for n in error_lengths]]
+            for m in methods))
+    return lines + [""]
+
+
+def _error_cell(row: dict | None) -> str:
+    if row is None:
+        return ""
+    value = row.get("rel_rms_vs_dense")
+    return row["status"] if value is None else f"{value:.2e}"
+
+
+def machine_line(results: dict) -> str:
+    m, g = results["machine"], results["grid"]
+    return (f"{results['created']} · {m['cpu']} · {m['threads']} threads · device {m['device']}"
+            f"{' (' + m['gpu'] + ')' if m.get('gpu') else ''} · torch {m['torch']} · "
+            f"subq {m['subq']} · commit {(m.get('git_commit') or 'unknown')[:10]} · "
+            f"B={g['batch']} H={g['heads']} D={g['dim']} {g['dtype']}")
+
+
+def render_markdown(results: dict, image_prefix: str = "") -> str:
+    """The report: machine line, per-pattern tables, plots, skipped and failed configurations."""
+    grid = results["grid"]
+    lines = ["# subq efficiency benchmark (CAB-style)", "", machine_line(results), "",
+             f"Run time {results['wall_s'] / 60:.1f} min. Times: median of ≥ 5 timed runs after "
+             "a warm-up, forward without autograd; memory: peak above the baseline after "
+             "imports and inputs, each configuration in a fresh child process. Budgets: "
+             f"{grid['memory_gib']:g} GiB, {grid['time_s']:g} s per call"
+             + (f", {grid['total_s']:g} s per run" if grid.get("total_s") else "") + ". "
+             "`dense` is SDPA (subq's dense mechanism), `vanilla` the materialised "
+             "softmax(QK^T)V that CAB compares against; peers are labelled `peer`.", ""]
+    if results.get("missing_peers"):
+        lines += ["Missing peers (not installed or failed to import): "
+                  + ", ".join(f"`{k}` ({v})" for k, v in results["missing_peers"].items()), ""]
+    for pattern in _patterns(results):
+        lines += pattern_section(results, pattern)
+        short = Pattern(pattern).short
+        lines += [f"![time {short}]({image_prefix}bench_time_{short}.png) "
+                  f"![memory {short}]({image_prefix}bench_memory_{short}.png) "
+                  f"![efficiency {short}]({image_prefix}bench_efficiency_{short}.png)", ""]
+    lines += ["## error vs L", "", f"![error]({image_prefix}bench_error.png)", ""]
+    problems = [r for r in results["rows"] if r["status"] != "ok" or r.get("fwd_bwd_error")
+                or r.get("memory_error") or r.get("mem_fwd_bwd_error")]
+    if problems:
+        lines += ["## skipped and failed configurations", ""]
+        lines += _table(["method", "pattern", "L", "status", "reason"], (
+            [f"`{r['method']}`", r["pattern"], str(r["length"]), r["status"],
+             _reason(r).replace("|", "/").replace("\n", " ")[:200]] for r in problems))
+    return "\n".join(lines) + "\n"
+
+
+def _reason(row: dict) -> str:
+    for key in ("reason", "fwd_bwd_error", "memory_error", "mem_fwd_bwd_error"):
+        if row.get(key):
+            return f"{key}: {row[key]}" if key != "reason" else row[key]
+    return ""

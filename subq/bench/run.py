@@ -1,0 +1,196 @@
+"""The efficiency grid: every method x pattern it supports x length, length by length, with
+budgets, progress and the ``results/<timestamp>/`` folder (results.json, results.csv)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import subq
+from subq.registry import Pattern
+
+from .measure import Config, make_inputs, memory_job, time_config
+from .memory import run_in_child
+from .methods import Method, all_methods, missing_peers
+
+GIB = 2.0 ** 30
+#: A configuration is predicted to cost this many calls of forward+backward (and of forward):
+#: one warm-up and five timed runs each, plus the memory child's two.
+_CALLS_PER_CONFIG = 8
+CSV_FIELDS = ["method", "source", "pattern", "length", "status", "reason", "fwd_ms",
+              "fwd_bwd_ms", "mem_fwd_mib", "mem_fwd_bwd_mib", "rel_rms_vs_dense", "repeats"]
+
+
+@dataclass
+class Grid:
+    """What to measure and the budgets (``memory_gib`` per configuration, ``time_s`` for one
+    forward+backward call, ``total_s`` for the whole run)."""
+
+    methods: list[str]
+    patterns: list[Pattern]
+    lengths: list[int]
+    batch: int = 1
+    heads: int = 8
+    dim: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = field(default_factory=torch.get_num_threads)
+    seed: int = 0
+    memory_gib: float = 12.0
+    time_s: float = 60.0
+    total_s: float = math.inf
+    error_max_length: int = 4096
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def machine_info(grid: Grid) -> dict:
+    """The machine line of a run: CPU, threads, versions, commit, device."""
+    info = {"cpu": _cpu_model(), "machine": platform.machine(), "python": platform.python_version(),
+            "platform": platform.platform(), "threads": grid.threads, "torch": torch.__version__,
+            "subq": subq.__version__, "git_commit": _git_commit(), "device": grid.device}
+    if grid.device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(grid.device))
+    return info
+
+
+def _predict(series: list[dict], key: str, length: int) -> float | None:
+    """Extrapolate ``key`` to ``length`` from the last two measured points (log-log slope
+    clamped to [1, 2.5]; slope 2 from a single point)."""
+    points = [(r["length"], r[key]) for r in series if r.get(key)]
+    if not points:
+        return None
+    (l1, y1) = points[-1]
+    slope = 2.0
+    if len(points) >= 2:
+        (l0, y0) = points[-2]
+        slope = min(2.5, max(1.0, math.log(y1 / y0) / math.log(l1 / l0)))
+    return y1 * (length / l1) ** slope
+
+
+def budget_reason(series: list[dict], length: int, grid: Grid, elapsed: float) -> str | None:
+    """Why a configuration is skipped (a budget it would exceed), or ``None`` to measure it."""
+    if any(r["status"] != "ok" for r in series):
+        return "a smaller length of this method and pattern was skipped or failed"
+    mem = max(filter(None, [_predict(series, "mem_fwd_mib", length),
+                            _predict(series, "mem_fwd_bwd_mib", length)]), default=None)
+    if mem is not None and mem * 2.0 ** 20 > grid.memory_gib * GIB:
+        return f"predicted {mem / 1024:.1f} GiB > memory budget {grid.memory_gib:g} GiB"
+    call_ms = max(filter(None, [_predict(series, "fwd_ms", length),
+                                _predict(series, "fwd_bwd_ms", length)]), default=None)
+    if call_ms is not None and call_ms / 1e3 > grid.time_s:
+        return f"predicted {call_ms / 1e3:.0f} s per call > time budget {grid.time_s:g} s"
+    if call_ms is not None:
+        cost = _CALLS_PER_CONFIG * sum(filter(None, [_predict(series, "fwd_ms", length),
+                                                     _predict(series, "fwd_bwd_ms", length)]))
+        if elapsed + cost / 1e3 > grid.total_s:
+            return f"predicted {cost / 1e3:.0f} s would pass the run budget {grid.total_s:g} s"
+    return None
+
+
+def _dense_output(config: Config) -> torch.Tensor:
+    q, k, v = make_inputs(config)
+    pattern = Pattern(config.pattern)
+    with torch.no_grad():
+        return subq.attention(q, k, v, method="dense", causal=pattern.causal, cross=pattern.cross)
+
+
+def measure_one(config: Config, grid: Grid, dense_out: torch.Tensor | None) -> dict:
+    """Time it here, then measure its memory in a fresh child; never raises."""
+    row: dict = {"status": "ok"}
+    try:
+        row.update(time_config(config, dense_out))
+    except Exception as exc:  # recorded, the run goes on
+        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+    status, payload = run_in_child(memory_job, (config,), timeout=_CALLS_PER_CONFIG * grid.time_s)
+    if status == "ok":
+        row.update(payload)
+    else:
+        row["memory_error"] = payload
+    return row
+
+
+def run_grid(grid: Grid, progress=None) -> dict:
+    """Measure the grid length by length (so the run budget cuts the largest lengths) and
+    return the results document (machine, grid, missing peers, one row per configuration)."""
+    torch.set_num_threads(grid.threads)
+    methods = all_methods()
+    chosen: list[Method] = [methods[name] for name in grid.methods if name in methods]
+    rows: list[dict] = []
+    series: dict[tuple[str, Pattern], list[dict]] = {}
+    start = time.perf_counter()
+    for length in sorted(grid.lengths):
+        for pattern in grid.patterns:
+            dense_out = None
+            for method in chosen:
+                if pattern not in method.patterns:
+                    continue
+                config = Config(method.name, pattern.value, length, grid.batch, grid.heads,
+                                grid.dim, grid.dtype, grid.device, grid.seed, grid.threads)
+                history = series.setdefault((method.name, pattern), [])
+                reason = budget_reason(history, length, grid, time.perf_counter() - start)
+                if reason is not None:
+                    row = {"status": "skipped", "reason": reason}
+                else:
+                    if dense_out is None and length <= grid.error_max_length:
+                        dense_out = _dense_output(config)
+                    row = measure_one(config, grid, dense_out)
+                row.update(method=method.name, source=method.source, label=method.label,
+                           pattern=pattern.value, length=length)
+                history.append(row)
+                rows.append(row)
+                if progress is not None:
+                    progress(row)
+    return {
+        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(grid),
+        "grid": {**{k: v for k, v in vars(grid).items() if k != "patterns"},
+                 "patterns": [p.value for p in grid.patterns],
+                 "total_s": None if math.isinf(grid.total_s) else grid.total_s},
+        "unknown_methods": [n for n in grid.methods if n not in methods],
+        "missing_peers": missing_peers(),
+        "wall_s": time.perf_counter() - start,
+        "rows": rows,
+    }
+
+
+def count_configs(grid: Grid) -> int:
+    methods = all_methods()
+    return len(grid.lengths) * sum(p in methods[n].patterns for n in grid.methods if n in methods
+                                   for p in grid.patterns)
+
+
+def write_results(results: dict, folder: Path) -> None:
+    """results.json (everything) and results.csv (one row per configuration)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    with open(folder / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results["rows"])

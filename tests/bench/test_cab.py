@@ -1,0 +1,42 @@
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from subq.bench.cab import efficiency_length, measured_crossover
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "cab_abc_cost.csv"
+
+
+def _cab_costs() -> tuple[list[int], dict[tuple[str, str], list[float]]]:
+    rows = [r for r in csv.reader(DATA.read_text().splitlines()) if r and not r[0].startswith("#")]
+    lengths = [int(x) for x in rows[0][2:]]
+    return lengths, {(r[0], r[1]): [float(x) for x in r[2:]] for r in rows[1:]}
+
+
+def test_cab_golden_abc_efficiency_lengths():
+    lengths, cost = _cab_costs()
+    time_length = efficiency_length(lengths, cost["time_ms", "vanilla"], cost["time_ms", "abc"],
+                                    line_from=512)
+    memory_length = efficiency_length(lengths, cost["memory_mb", "vanilla"],
+                                      cost["memory_mb", "abc"])
+    assert round(time_length) == 1877
+    assert round(memory_length) == 70
+
+
+def test_efficiency_length_recovers_a_planted_crossover():
+    a, slope = float(torch.rand(()) + 0.5), float(torch.rand(()) * 1000 + 500)
+    lengths = np.array([256, 512, 1024, 2048, 4096], dtype=float)
+    dense = a * lengths ** 2
+    mechanism = slope * lengths
+    assert efficiency_length(lengths, dense, mechanism) == pytest.approx(slope / a, rel=1e-6)
+    assert measured_crossover(lengths, dense, mechanism) == next(
+        int(n) for n in lengths if slope * n < a * n * n)
+
+
+def test_no_crossover_when_the_mechanism_is_always_dearer():
+    lengths = [1, 2, 3, 4]
+    assert efficiency_length(lengths, [1, 2, 3, 4], [10, 20, 30, 40]) is None
+    assert measured_crossover(lengths, [1, 2, 3, 4], [10, 20, 30, 40]) is None

@@ -1,0 +1,28 @@
+import csv
+
+from subq.bench.run import Grid, budget_reason, run_grid, write_results
+from subq.registry import Pattern
+
+
+def test_over_budget_configuration_is_recorded_as_skipped(tmp_path):
+    grid = Grid(methods=["dense", "no-such-method"], patterns=[Pattern.CAUSAL_SELF],
+                lengths=[128, 64], memory_gib=1e-9, threads=1)
+    results = run_grid(grid)
+    first, second = results["rows"]
+    assert (first["length"], first["status"]) == (64, "ok")
+    assert first["fwd_ms"] > 0 and len(first["fwd_times_ms"]) >= 5
+    assert first["mem_fwd_bwd_mib"] > 0 and first["rel_rms_vs_dense"] == 0.0
+    assert (second["length"], second["status"]) == (128, "skipped")
+    assert "memory budget" in second["reason"]
+    assert results["unknown_methods"] == ["no-such-method"]
+    write_results(results, tmp_path)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["status"] for r in rows] == ["ok", "skipped"]
+
+
+def test_time_budget_and_failed_smaller_length_skip():
+    grid = Grid(methods=["dense"], patterns=[Pattern.CAUSAL_SELF], lengths=[1], time_s=2.0)
+    fast = {"status": "ok", "length": 1000, "fwd_ms": 100.0, "fwd_bwd_ms": 300.0}
+    assert budget_reason([fast], 2000, grid, 0.0) is None
+    assert "time budget" in budget_reason([fast], 4000, grid, 0.0)
+    assert "skipped or failed" in budget_reason([{"status": "error", "length": 10}], 20, grid, 0)
