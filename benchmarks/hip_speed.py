@@ -1,0 +1,98 @@
+"""HiP against dense SDPA on the CPU: causal prefill time and peak memory at T = 16K, 32K
+(B=1, H=8, D=64, float32, topk=512, paper defaults otherwise), and one decode step at a 32K
+context (HiP amortised over a refresh period vs SDPA over the full cache).
+
+Each measurement runs in a fresh subprocess; memory is the growth of the peak resident set
+during the call (``ru_maxrss``), inputs excluded.
+
+    python benchmarks/hip_speed.py --lengths 16384 32768 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import subq
+from subq.ops.hip import HipCache
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prefill(method: str, length: int) -> dict:
+    q, k, v = (torch.randn(1, 8, length, 64) for _ in range(3))
+    before = _rss_mib()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if method == "sdpa":
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            subq.attention(q, k, v, method="hip", causal=True)
+    return {"seconds": time.perf_counter() - start, "peak_mib": _rss_mib() - before}
+
+
+def _decode(method: str, length: int, refresh: int = 8) -> dict:
+    q, k, v = (torch.randn(1, 8, length, 64) for _ in range(3))
+    with torch.inference_mode():
+        if method == "sdpa":
+            F.scaled_dot_product_attention(q[:, :, -1:], k, v)
+            start = time.perf_counter()
+            for t in range(refresh):
+                F.scaled_dot_product_attention(q[:, :, -1 - t:length - t], k, v)
+            return {"seconds": (time.perf_counter() - start) / refresh}
+        # A cache holding the first length - 2 refresh tokens (its buffer already has room for
+        # the rest) and the last block_q queries; one refresh period warms up, the next is
+        # timed (its first step re-runs the search).
+        first = length - 2 * refresh
+        state = HipCache(k.clone(), v.clone(), first, q[:, :, first - 32:first])
+        for t in range(first, length):
+            if t == length - refresh:
+                start = time.perf_counter()
+            subq.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state, method="hip",
+                      refresh=refresh)
+        return {"seconds": (time.perf_counter() - start) / refresh}
+
+
+def _child(kind: str, method: str, length: int, threads: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, method, str(length),
+                          "--threads", str(threads)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "METHOD", "LENGTH"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        kind, method, length = args.child
+        fn = _prefill if kind == "prefill" else _decode
+        print(json.dumps(fn(method, int(length))))
+        return
+    print(f"# causal, B=1 H=8 D=64 float32, hip defaults (topk=512), {args.threads} threads")
+    for length in args.lengths:
+        hip, sdpa = (_child("prefill", m, length, args.threads) for m in ("hip", "sdpa"))
+        print(f"prefill T={length}: hip {hip['seconds']:.2f}s {hip['peak_mib']:.0f}MiB | "
+              f"sdpa {sdpa['seconds']:.2f}s {sdpa['peak_mib']:.0f}MiB | speed-up "
+              f"{sdpa['seconds'] / hip['seconds']:.2f}x, memory "
+              f"{sdpa['peak_mib'] / max(hip['peak_mib'], 1):.2f}x", flush=True)
+    length = max(args.lengths)
+    hip, sdpa = (_child("decode", m, length, args.threads) for m in ("hip", "sdpa"))
+    print(f"decode step at {length}: hip {hip['seconds'] * 1e3:.2f}ms (amortised over refresh 8)"
+          f" | sdpa {sdpa['seconds'] * 1e3:.2f}ms | speed-up "
+          f"{sdpa['seconds'] / hip['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

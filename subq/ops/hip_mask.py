@@ -1,0 +1,144 @@
+"""HiP's mask estimation: the hierarchical top-k tree search over key blocks (Lee et al., ``hip``).
+
+For one query block with representative queries ``Q_rep`` and ``n`` searchable key blocks of
+``block_k`` keys, with ``m`` nodes (``m = topk // block_k``):
+
+1. Start from ``m`` groups of blocks: group ``i`` covers blocks ``[floor(n i / m),
+   floor(n (i + 1) / m))``; if ``n <= m`` this already selects every block.
+2. Split every group into a left half ``(start, floor(size / 2))`` and a right half
+   ``(start + floor(size / 2), size - floor(size / 2))``; a branch is scored by its
+   representative block ``r`` (``center``: ``start + floor(size / 2)``, ``first``: ``start``)
+   as ``max_{q in Q_rep, j in block r} q . k_j``; empty branches score ``-inf``.
+3. Keep the ``m`` best of the ``2m`` branches (ties: the branch earlier in position order) and
+   repeat while ``m 2^it < n``, i.e. ``ceil(log2(n / m))`` times, until every kept branch is one
+   block. The kept blocks are the selection: exactly ``min(m, n)`` distinct blocks.
+
+:func:`search_blocks` runs the search vectorised over rows (batch x heads x query blocks), one
+``torch.sort`` per iteration: O(rows x m x block_k x D x log(n / m)) time, never a rows x n
+tensor. :func:`search_blocks_loop` is the obvious per-row loop, kept for the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+REPRESENTATIVES = ("center", "first")
+_CHUNK_ELEMENTS = 1 << 22  # gathered key elements per chunk of rows: bounds the search's memory
+
+
+def search_iterations(n_blocks: int, n_nodes: int) -> int:
+    """``ceil(log2(n_blocks / n_nodes))`` for ``n_blocks > n_nodes``, else 0."""
+    iterations = 0
+    while n_nodes << iterations < n_blocks:
+        iterations += 1
+    return iterations
+
+
+def _representative(start: torch.Tensor, size: torch.Tensor, representative: str) -> torch.Tensor:
+    return start + size // 2 if representative == "center" else start
+
+
+def _search_chunk(q_rep, q_ok, keys, key_ok, key_offset, range_end, max_blocks, n_nodes,
+                  block_k, representative):
+    rows = q_rep.shape[0]
+    n_blocks = (range_end + block_k - 1) // block_k  # (rows,)
+    node = torch.arange(n_nodes + 1, device=q_rep.device)
+    bounds = (n_blocks[:, None] * node) // n_nodes
+    start, size = bounds[:, :-1], bounds[:, 1:] - bounds[:, :-1]
+    within = torch.arange(block_k, device=q_rep.device)
+    # A missing representative becomes a copy of the first (which always exists): the max over
+    # representatives is unchanged and needs no mask.
+    q_rep = torch.where(q_ok[..., None], q_rep, q_rep[:, :1])
+    for it in range(search_iterations(max_blocks, n_nodes)):
+        half = size // 2
+        child_start = torch.stack((start, start + half), dim=-1).flatten(1)  # (rows, 2m)
+        child_size = torch.stack((half, size - half), dim=-1).flatten(1)
+        pos = _representative(child_start, child_size, representative)[..., None] * block_k
+        pos = pos + within  # (rows, 2m, block_k) key positions of the representative block
+        ok = (pos < range_end[:, None, None]) & (child_size > 0)[..., None]
+        flat = key_offset[:, None, None] + pos.clamp(max=keys.shape[0] - 1)
+        flat = torch.where(ok, flat, key_offset[:, None, None])
+        if key_ok is not None:
+            ok = ok & key_ok[flat]
+        k_rep = keys[flat.flatten(1)].to(q_rep.dtype)  # (rows, 2m * block_k, D)
+        dots = torch.bmm(q_rep, k_rep.transpose(1, 2)).amax(dim=1).view(rows, -1, block_k)
+        score = dots.masked_fill(~ok, float("-inf")).amax(dim=2)  # (rows, 2m)
+        best = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :n_nodes]
+        best = best.sort(dim=1).values  # keep nodes in position order (the tie-break order)
+        active = ((n_nodes << it) < n_blocks)[:, None]
+        start = torch.where(active, child_start.gather(1, best), start)
+        size = torch.where(active, child_size.gather(1, best), size)
+    return start, size == 1
+
+
+def search_blocks(q_rep: torch.Tensor, q_ok: torch.Tensor, keys: torch.Tensor,
+                  key_offset: torch.Tensor, range_end: torch.Tensor, max_range: int, *,
+                  n_nodes: int, block_k: int, representative: str,
+                  key_ok: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tree search for every row at once.
+
+    Args:
+        q_rep: ``(N, R, D)`` representative queries of each row (query block).
+        q_ok: ``(N, R)`` which representatives exist (the first must).
+        keys: ``(S, D)`` every key, flattened; row ``n`` searches ``keys[key_offset[n] + j]``
+            for key positions ``0 <= j < range_end[n]``.
+        key_offset: ``(N,)`` long, where row ``n``'s keys start in ``keys``.
+        range_end: ``(N,)`` long, the searchable key positions ``[0, range_end)``.
+        max_range: an upper bound of ``range_end`` (a Python int: it fixes the iterations).
+        n_nodes: ``m``, the number of blocks each row selects.
+        block_k: keys per block.
+        representative: ``"center"`` or ``"first"``.
+        key_ok: ``(S,)`` bool, False for padding keys (they never score), or None.
+
+    Returns:
+        ``blocks (N, m)`` block indices (block ``b`` holds keys ``[b block_k, (b + 1) block_k)``)
+        in increasing order where valid, and ``valid (N, m)`` bool.
+    """
+    with torch.no_grad():
+        rows = q_rep.shape[0]
+        max_blocks = -(-max_range // block_k)
+        chunk = max(1, _CHUNK_ELEMENTS // (2 * n_nodes * block_k * max(q_rep.shape[-1], 1)))
+        parts = [_search_chunk(q_rep[i:i + chunk], q_ok[i:i + chunk], keys, key_ok,
+                               key_offset[i:i + chunk], range_end[i:i + chunk], max_blocks,
+                               n_nodes, block_k, representative)
+                 for i in range(0, rows, chunk)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def search_blocks_loop(q_rep: torch.Tensor, q_ok: torch.Tensor, keys: torch.Tensor,
+                       key_offset: torch.Tensor, range_end: torch.Tensor, *, n_nodes: int,
+                       block_k: int, representative: str,
+                       key_ok: torch.Tensor | None = None) -> list[list[int]]:
+    """The same search, one row and one branch at a time, in plain Python; returns each row's
+    selected block indices, sorted. A test aid: slow, obvious, independent of the vectorised
+    form."""
+    selections = []
+    for n in range(q_rep.shape[0]):
+        end, offset = int(range_end[n]), int(key_offset[n])
+        queries = q_rep[n][q_ok[n]]
+        total = -(-end // block_k)
+
+        def score(start: int, size: int, end=end, offset=offset, queries=queries) -> float:
+            if size == 0:
+                return float("-inf")
+            first = (start + size // 2 if representative == "center" else start) * block_k
+            best = float("-inf")
+            for j in range(first, min(first + block_k, end)):
+                if key_ok is None or bool(key_ok[offset + j]):
+                    best = max(best, float((queries @ keys[offset + j]).max()))
+            return best
+
+        nodes = [(total * i // n_nodes, total * (i + 1) // n_nodes - total * i // n_nodes)
+                 for i in range(n_nodes)]
+        groups = total / n_nodes
+        while groups > 1:
+            children = []
+            for start, size in nodes:
+                children += [(start, size // 2), (start + size // 2, size - size // 2)]
+            ranked = sorted(range(len(children)), key=lambda c: (-score(*children[c]), c))
+            nodes = [children[c] for c in sorted(ranked[:n_nodes])]
+            groups /= 2
+        selections.append(sorted(start for start, size in nodes if size == 1))
+    return selections
