@@ -28,12 +28,15 @@ reference, weights and decoding see the same ``H`` for the same options.
 
 Fast path (never an L x L tensor): keys are sorted by bucket (stable, so by position within a
 bucket), each query finds its bucket's segment and the end of its causal prefix by binary
-search, giving its ``k_lsh`` most recent bucket keys, O(L log L); key selection is a streaming
-top-k over chunks of ``k_ks`` keys (the top-k of a prefix is the top-k of the previous top-k
-and the new keys), O(L k log k); the union is deduplicated and the ``<= k`` keys per query are
-gathered, O(L k D). Decoding keeps, per (batch, head), the keys that are still among the
-``k_lsh`` most recent of their bucket (a per-bucket deque) and the running top-``k_ks`` by
-score (a key's score depends on its prefix only, so the set evolves by insert/evict).
+search, giving its ``k_lsh`` most recent bucket keys, O(L log L); key selection ranks the keys
+once (stable sort) and takes the running top-k by a doubling scan over blocks of ``C`` keys
+plus one top-k per query over the ``k_ks + C`` candidates of its block (see
+:func:`key_selection_ranks`); the union drops LSH slots whose key is selected (a rank test).
+The LSH keys are gathered per query, the selection candidates are shared per block and scored
+by one matrix product per block: O(L (k_lsh + k_ks + C) D). Decoding keeps, per (batch,
+head), the keys that are still among the ``k_lsh`` most recent of their bucket (a per-bucket
+deque) and the running top-``k_ks`` by score (a key's score depends on its prefix only, so
+the set evolves by insert/evict).
 
 Shapes ``q (B, Hq, L, D)``, ``k (B, Hkv, L, D)``, ``v (B, Hkv, L, Dv)``, ``key_scores
 (B, Hkv, L)``. Pattern: causal self. Not exact. ``key_padding_mask``: not supported.
@@ -238,16 +241,39 @@ def _smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.topk(k, dim=-1, largest=False, sorted=True).values
 
 
-def key_selection_ranks(scores: torch.Tensor, k_ks: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The running top-``k_ks`` as ranks: ``(order, rank, selected)``.
+@dataclass(frozen=True)
+class Selection:
+    """The running top-k of key selection in rank space (see :func:`key_selection_ranks`).
 
-    ``order (B, H, L)`` lists the keys by (score descending, position ascending), ``rank`` is
-    its inverse (unique integers, so no ties remain), and ``selected (B, H, L, k_ks)`` holds the
-    ranks of the top-``k_ks`` of ``{0..i}`` ascending, ``L`` in empty slots. Keys go in blocks
-    of ``C = max(k_ks, 16)``: the top-k of every block prefix comes from a doubling scan
-    (``log2(L / C)`` merges of two top-k lists), and query ``i`` takes the k smallest of
-    that before its block and its own block's keys ``<= i``. O(L (k + C) log) time.
+    ``order (B, H, L)``: keys by (score descending, position ascending); ``rank``: its inverse
+    (unique integers, so no ties remain). Queries go in ``n`` blocks of ``C``; for query ``t`` of
+    block ``m``, ``candidates (B, H, n, C, k + C)`` holds the ranks of the top-k of blocks
+    ``< m`` then those of block ``m``'s own keys (``L`` for keys after ``t`` and empty slots);
+    ``chosen (B, H, n, C, k)`` its ``k`` smallest, ascending."""
+
+    order: torch.Tensor
+    rank: torch.Tensor
+    candidates: torch.Tensor
+    chosen: torch.Tensor
+
+    @property
+    def selected(self) -> torch.Tensor:
+        """``(B, H, L, k)`` ranks of the top-k of ``{0..i}``, ascending, ``L`` in empty slots."""
+        return self.chosen.flatten(2, 3)[:, :, :self.rank.shape[-1]]
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """``(B, H, L, 1)``: key ``j <= i`` is selected iff ``rank[j] <= threshold[i]``."""
+        return self.selected[..., -1:]
+
+
+def key_selection_ranks(scores: torch.Tensor, k_ks: int) -> Selection:
+    """The running top-``k_ks`` of every prefix, O(L (k + C) log L) without a loop over L.
+
+    Keys are ranked once by a stable sort. In blocks of ``C = max(k_ks, 16)`` keys the top-k
+    of every block prefix comes from a doubling scan (``ceil(log2(L / C))`` merges of two
+    top-k lists: merging is associative), and query ``i`` takes the k smallest ranks among
+    that of the blocks before its own and its own block's keys ``<= i``.
     """
     b, h, length = scores.shape
     dev = scores.device
@@ -259,24 +285,26 @@ def key_selection_ranks(scores: torch.Tensor, k_ks: int
     blocks = F.pad(rank, (0, n * size - length), value=length).view(b, h, n, size)
     top = _smallest(blocks, k_ks)                                  # (B, H, n, k)
     shift = 1
-    while shift < n:  # top[m] <- k smallest of blocks 0..m
+    while shift < n:  # top[m] <- the k smallest of blocks 0..m
         earlier = F.pad(top[..., :-shift, :], (0, 0, shift, 0), value=length)
         top = _smallest(torch.cat([top, earlier], dim=-1), k_ks)
         shift *= 2
     before = F.pad(top[..., :-1, :], (0, 0, 1, 0), value=length)  # blocks < m
     seen = torch.ones(size, size, dtype=torch.bool, device=dev).tril()
     own = torch.where(seen, blocks[..., None, :], length)         # (B, H, n, C, C)
-    cand = torch.cat([before[..., None, :].expand(b, h, n, size, k_ks), own], dim=-1)
-    selected = _smallest(cand, k_ks).view(b, h, n * size, k_ks)[..., :length, :]
-    return order, rank, selected
+    candidates = torch.cat([before[..., None, :].expand(b, h, n, size, k_ks), own], dim=-1)
+    return Selection(order, rank, candidates, _smallest(candidates, k_ks))
 
 
 def key_selection_indices(scores: torch.Tensor, k_ks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(idx, valid)`` each ``(B, Hkv, L, k_ks)``: the running top-``k_ks`` of the prefix
     ``{0..i}`` by (score descending, position ascending), from :func:`key_selection_ranks`."""
-    order, _, selected = key_selection_ranks(scores, k_ks)
-    length = scores.shape[-1]
-    return _take(order, selected.clamp(max=max(length - 1, 0))), selected < length
+    return _selected_slots(key_selection_ranks(scores, k_ks))
+
+
+def _selected_slots(selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+    selected, length = selection.selected, selection.rank.shape[-1]
+    return _take(selection.order, selected.clamp(max=max(length - 1, 0))), selected < length
 
 
 def _positional_indices(length: int, part: str, options: dict, device: torch.device
@@ -312,39 +340,57 @@ def _positional_member(part: str, options: dict, query: torch.Tensor,
     return j % options["dilation"] == options["dilation"] - 1
 
 
-def hax_indices(q: torch.Tensor, k: torch.Tensor, **options
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fast path's sparse set as ``(idx, valid)`` each ``(B, Hq, L, n)``: every row holds
-    each key of ``S_i`` exactly once. A slot of a component is dropped when its key belongs to
-    a later component of the union (a membership test, no sort): ``lsh`` (first in ``hax``)
-    against the selection threshold of ``ks``, ``window`` against ``dilated``."""
-    options = _options(options)
-    prep = _prepare(q, k, options)
+def _slot_sets(q: torch.Tensor, k: torch.Tensor, options: dict, prep: _Prepared,
+               selection: Selection | None, with_ks: bool = True
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(idx, valid)`` each ``(B, Hq, L, n)`` per component of the union (``ks`` left out
+    unless ``with_ks``). A slot is dropped when its key belongs to a later component, so the
+    union holds each key once (a membership test, no sort): ``lsh`` (first in ``hax``) against
+    the selection threshold of ``ks``, ``window`` against ``dilated``."""
     b, hq, length = q.shape[:3]
     groups = hq // k.shape[1]
     query = torch.arange(length, device=q.device)[:, None]
-    idx_parts, ok_parts, members = [], [], []
+    sets, members = [], []
     for part in COMPONENTS[options["arch"]]:
         if part == "lsh":
-            idx, ok = lsh_indices(prep.q_codes, prep.k_codes, options["k_lsh"])
+            sets.append(lsh_indices(prep.q_codes, prep.k_codes, options["k_lsh"]))
             members.append(None)  # never tested: lsh comes first in every union
         elif part == "ks":
-            order, rank, selected = key_selection_ranks(prep.scores, options["k_ks"])
-            idx = repeat_kv(_take(order, selected.clamp(max=max(length - 1, 0))), groups)
-            ok = repeat_kv(selected < length, groups)
-            threshold = repeat_kv(selected.amax(dim=-1, keepdim=True), groups)
-            members.append(functools.partial(_selected_member, rank, threshold))
+            if with_ks:
+                idx, ok = _selected_slots(selection)
+                sets.append((repeat_kv(idx, groups), repeat_kv(ok, groups)))
+            members.append(functools.partial(_selected_member, selection.rank,
+                                             repeat_kv(selection.threshold, groups)))
         else:
             idx, ok = _positional_indices(length, part, options, q.device)
-            idx, ok = idx.expand(b, hq, -1, -1), ok.expand(b, hq, -1, -1)
+            sets.append((idx.expand(b, hq, -1, -1), ok.expand(b, hq, -1, -1)))
             members.append(functools.partial(_positional_member, part, options, query))
-        idx_parts.append(idx)
-        ok_parts.append(ok)
-    for n, later in enumerate(members[1:]):  # the union: each key once
-        ok_parts[n] = ok_parts[n] & ~later(idx_parts[n])
-    if len(idx_parts) == 1:
-        return idx_parts[0], ok_parts[0]
-    return torch.cat(idx_parts, dim=-1), torch.cat(ok_parts, dim=-1)
+    for n, (idx, ok) in enumerate(sets):
+        for later in members[n + 1:]:
+            ok = ok & ~later(idx)
+        sets[n] = (idx, ok)
+    return sets
+
+
+def _union(sets: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    if not sets:
+        empty = torch.zeros(*q.shape[:3], 0, dtype=torch.long, device=q.device)
+        return empty, empty.bool()
+    if len(sets) == 1:
+        return sets[0]
+    return torch.cat([s[0] for s in sets], dim=-1), torch.cat([s[1] for s in sets], dim=-1)
+
+
+def hax_indices(q: torch.Tensor, k: torch.Tensor, **options
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast path's sparse set as ``(idx, valid)`` each ``(B, Hq, L, n)``: every row holds
+    each key of ``S_i`` exactly once."""
+    options = _options(options)
+    prep = _prepare(q, k, options)
+    selection = (key_selection_ranks(prep.scores, options["k_ks"])
+                 if "ks" in COMPONENTS[options["arch"]] else None)
+    return _union(_slot_sets(q, k, options, prep, selection), q)
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -354,7 +400,32 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     hkv, length, d = x.shape[1:]
     base = torch.arange(b * hkv, device=x.device).view(b, hkv, 1) * length
     base = base.repeat_interleave(hq // hkv, dim=1)[..., None]     # (B, Hq, 1, 1)
-    return F.embedding(idx + base, x.reshape(-1, d))  # a row gather, faster than index_select
+    return F.embedding(idx + base, x.reshape(-1, d))
+
+
+def _to_blocks(x: torch.Tensor, groups: int, n: int, size: int) -> torch.Tensor:
+    """``(B, Hq, L, d)`` -> ``(B, Hkv, n, G C, d)``: the rows of each kv head's query block."""
+    b, hq, length, d = x.shape
+    x = F.pad(x, (0, 0, 0, n * size - length)).view(b, hq // groups, groups, n, size, d)
+    return x.transpose(2, 3).reshape(b, hq // groups, n, groups * size, d)
+
+
+def _from_blocks(y: torch.Tensor, groups: int, length: int) -> torch.Tensor:
+    """The inverse of :func:`_to_blocks`: ``(B, Hkv, n, G C, m)`` -> ``(B, Hq, L, m)``."""
+    b, hkv, n, rows, m = y.shape
+    y = y.view(b, hkv, n, groups, rows // groups, m).transpose(2, 3)
+    return y.reshape(b, hkv * groups, n * (rows // groups), m)[:, :, :length]
+
+
+def _candidate_rows(x: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """``x (B, Hkv, L, d)`` -> ``(B, Hkv, n, k + C, d)``: the candidate keys of each block
+    (the top-k of the blocks before it, gathered, then its own keys, a view)."""
+    b, h, length, d = x.shape
+    n, size, width = selection.candidates.shape[2:]
+    before = selection.candidates[:, :, :, 0, :width - size]      # the same for every row
+    prior = _gather_rows(x, _take(selection.order, before.clamp(max=max(length - 1, 0))))
+    own = F.pad(x, (0, 0, 0, n * size - length)).view(b, h, n, size, d)
+    return torch.cat([prior, own], dim=3)
 
 
 # ---------------------------------------------------------------- the mechanism's callables
@@ -368,6 +439,13 @@ def hax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     ``window=32``, ``sinks=32``, ``dilation=64``, ``num_hash=8``, ``hash="sign"``,
     ``center="prefix_mean"``, ``seed=0``, ``generator=None``, ``projections=None``,
     ``key_scores=None``. Time O(L log L + L k D), memory O(L k D).
+
+    One softmax per query over two kinds of slots: keys gathered by index (LSH, baselines),
+    and, for key selection, the ``k + C`` candidates shared by a block of ``C`` queries
+    (the top-k before the block and the block's own keys), scored by one matrix product per
+    block and masked to the query's top-k. Without autograd the gathers go in chunks of
+    queries (bounded memory); with it in one piece (a chunked gather's gradient would be a
+    full-length tensor per chunk).
     """
     if key_padding_mask is not None:
         raise NotImplementedError("hax does not support key_padding_mask (use right padding: "
@@ -377,20 +455,42 @@ def hax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     if options["arch"] == "full":
         return dense_attention(q, k, v, causal=True, scale=scale)
     acc = accumulation_dtype(q.dtype)
-    idx, ok = hax_indices(q, k, **options)
+    prep = _prepare(q, k, options)
+    selection = (key_selection_ranks(prep.scores, options["k_ks"])
+                 if "ks" in COMPONENTS[options["arch"]] else None)
+    idx, ok = _union(_slot_sets(q, k, options, prep, selection, with_ks=False), q)
     b, hq, length, n = idx.shape
+    groups = hq // k.shape[1]
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    rows = length  # autograd: one gather (a chunked one would add L-sized gradients per chunk)
+    if selection is not None:
+        blocks, size = selection.candidates.shape[2:4]
+        shared = (selection.candidates <= selection.chosen[..., -1:]) & (
+            selection.candidates < length)                       # (B, Hkv, n, C, k + C)
+        shared = repeat_kv(shared.flatten(2, 3)[:, :, :length], groups)
+        values = _candidate_rows(va, selection)
+        scores = _from_blocks(_to_blocks(qa, groups, blocks, size)
+                              @ _candidate_rows(ka, selection).transpose(-1, -2),
+                              groups, length) * scale           # (B, Hq, L, k + C)
+    rows = length
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         rows = max(1, _GATHER_ELEMENTS // max(1, b * hq * n * max(k.shape[-1], v.shape[-1])))
-    outs = []
+    outs, mixes = [], []
     for start in range(0, max(length, 1), rows):
         part = slice(start, start + rows)
         logits = torch.einsum("bhid,bhind->bhin", qa[:, :, part],
                               _gather_rows(ka, idx[:, :, part])) * scale
-        weights_ = masked_softmax(logits, ok[:, :, part])
-        outs.append(torch.einsum("bhin,bhind->bhid", weights_, _gather_rows(va, idx[:, :, part])))
+        allowed = ok[:, :, part]
+        if selection is not None:
+            logits = torch.cat([logits, scores[:, :, part]], dim=-1)
+            allowed = torch.cat([allowed, shared[:, :, part]], dim=-1)
+        weights_ = masked_softmax(logits, allowed)
+        outs.append(torch.einsum("bhin,bhind->bhid", weights_[..., :n],
+                                 _gather_rows(va, idx[:, :, part])))
+        mixes.append(weights_[..., n:])
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    if selection is not None:
+        mix = mixes[0] if len(mixes) == 1 else torch.cat(mixes, dim=2)
+        out = out + _from_blocks(_to_blocks(mix, groups, blocks, size) @ values, groups, length)
     return out.to(q.dtype)
 
 
