@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml Makefile
 lint: $(STAMP)
 	$(PY) -m ruff check subq tests benchmarks
 
+# Two workers of one intra-op thread each: tiny test tensors run faster on one thread, and
+# the two cores are both used.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 PEERS_STAMP := $(VENV)/.subq-peers
 BENCH_ARGS ?=

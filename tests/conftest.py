@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# Test tensors are tiny: one intra-op thread per test process is faster than two competing
+# ones, and `make test` runs one process per core.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def fresh_seed(request):
