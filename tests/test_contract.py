@@ -41,8 +41,24 @@ def _assert_matches_reference(mech, pattern, q, k, v, tol):
     assert out.shape == ref.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     assert out.dtype == q.dtype and out.device == q.device
     assert rel_rms(ref, out) <= tol, f"output: rel RMS {rel_rms(ref, out):.3e} > {tol}"
+    largest = max(_rms(g) for g in ref_grads)
     for name, g_ref, g in zip("qkv", ref_grads, grads, strict=True):
-        assert rel_rms(g_ref, g) <= tol, f"d{name}: rel RMS {rel_rms(g_ref, g):.3e} > {tol}"
+        err = _grad_error(g_ref, g, largest)
+        assert err <= tol, f"d{name}: rel RMS {err:.3e} > {tol}"
+
+
+def _rms(x):
+    return float(x.detach().double().pow(2).mean().sqrt())
+
+
+def _grad_error(g_ref, g, largest):
+    """rel RMS; a gradient that is zero in exact arithmetic (dq, dk of a normalised attention
+    with a single key: every weight is 1) is roundoff on both sides, so it is measured against
+    the largest gradient of the call instead."""
+    scale = _rms(g_ref)
+    if scale < 1e-6 * largest:
+        scale = largest
+    return _rms(g_ref - g) / scale if scale > 0 else _rms(g)
 
 
 @pytest.mark.parametrize("length", LENGTHS)
