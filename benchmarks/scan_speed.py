@@ -1,15 +1,19 @@
-"""Selective scan speed: the parallel fast form vs the sequential reference loop.
+"""Selective scan speed: the chunked fast form vs the sequential reference loop.
 
-    python benchmarks/scan_speed.py --length 16384 --channels 256 --state 16
+    python benchmarks/scan_speed.py --length 16384 --reference-length 4096 --threads 1
 
-Prints tokens/s of the reference forward, the fast forward and the fast forward+backward,
-after checking the fast form against the reference on the same inputs (no speed-up is
-reported for a wrong answer).
+Prints the median time and tokens/s of the fast forward and forward+backward at ``--length``
+and of the reference loop's forward and forward+backward at ``--reference-length`` (the loop
+costs the same per token at any length, so its time at ``--length`` is extrapolated linearly,
+and the script says so when the two lengths differ). It first checks the fast form against
+the reference on the reference-length inputs, values and gradients (no speed-up is reported
+for a wrong answer).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -17,9 +21,48 @@ from subq.bench.measure import median_ms, rel_rms
 from subq.ops.scan import selective_scan, selective_scan_reference
 
 
+def _inputs(length: int, channels: int, state: int, device: torch.device) -> tuple[list, dict]:
+    gen = torch.Generator().manual_seed(0)
+    u, delta, z = (torch.randn(1, channels, length, generator=gen) for _ in range(3))
+    A = -torch.exp(torch.randn(channels, state, generator=gen))
+    B, C = (torch.randn(1, state, length, generator=gen) for _ in range(2))
+    D, bias = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
+    args = [x.to(device) for x in (u, delta, A, B, C)]
+    return args, dict(D=D.to(device), z=z.to(device), delta_bias=bias.to(device),
+                      delta_softplus=True)
+
+
+def _times(fn, args: list, kwargs: dict, repeats: int, device: torch.device
+           ) -> tuple[float, float]:
+    """Median ms of the forward (no grad) and of forward+backward of ``fn``."""
+    with torch.no_grad():
+        fn(*args, **kwargs)
+        forward = statistics.median(median_ms(lambda: fn(*args, **kwargs), repeats, device))
+    leaves = [x.detach().requires_grad_(True) for x in args]
+    cot = torch.randn_like(args[0])
+
+    def train() -> None:
+        fn(*leaves, **kwargs).backward(cot)
+
+    train()
+    return forward, statistics.median(median_ms(train, repeats, device))
+
+
+def _check(args: list, kwargs: dict) -> float:
+    """Largest rel. RMS error of the fast form vs the reference: output and input gradients."""
+    leaves = [x.detach().requires_grad_(True) for x in args]
+    cot = torch.randn_like(args[0])
+    results = []
+    for fn in (selective_scan_reference, selective_scan):
+        out = fn(*leaves, **kwargs)
+        results.append([out, *torch.autograd.grad((out * cot).sum(), leaves)])
+    return max(rel_rms(r, f) for r, f in zip(*results, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--reference-length", type=int, default=4096)
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--state", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
@@ -28,37 +71,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(0)
-    b, d, n, length = 1, args.channels, args.state, args.length
-    u, delta, z = (torch.randn(b, d, length, generator=gen).to(device) for _ in range(3))
-    A = -torch.exp(torch.randn(d, n, generator=gen)).to(device)
-    B, C = (torch.randn(b, n, length, generator=gen).to(device) for _ in range(2))
-    D, bias = torch.randn(d, generator=gen).to(device), torch.randn(d, generator=gen).to(device)
-    kwargs = dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
 
-    with torch.no_grad():
-        ref = selective_scan_reference(u, delta, A, B, C, **kwargs)
-        err = rel_rms(ref, selective_scan(u, delta, A, B, C, **kwargs))
-        if err > 1e-4:
-            raise SystemExit(f"fast form differs from the reference (rel RMS {err:.2e})")
-        ref_ms = min(median_ms(lambda: selective_scan_reference(u, delta, A, B, C, **kwargs),
-                               1, device))
-        fast_ms = min(median_ms(lambda: selective_scan(u, delta, A, B, C, **kwargs),
-                                args.repeats, device))
-    leaves = [x.requires_grad_(True) for x in (u, delta, A, B, C)]
-    cot = torch.randn_like(u)
-
-    def fwd_bwd() -> None:
-        selective_scan(*leaves, **kwargs).backward(cot)
-
-    fwd_bwd()
-    train_ms = min(median_ms(fwd_bwd, args.repeats, device))
-    print(f"device={device} L={length} d_inner={d} N={n} float32 threads="
-          f"{torch.get_num_threads()} rel_rms={err:.1e}")
-    for name, ms in (("reference forward", ref_ms), ("fast forward", fast_ms),
-                     ("fast forward+backward", train_ms)):
-        print(f"{name:24s} {ms:10.1f} ms {length / ms * 1e3:12.0f} tokens/s")
-    print(f"speed-up of the fast forward over the reference: {ref_ms / fast_ms:.1f}x")
+    ref_inputs = _inputs(args.reference_length, args.channels, args.state, device)
+    err = _check(*ref_inputs)
+    if err > 1e-4:
+        raise SystemExit(f"fast form differs from the reference (rel RMS {err:.2e})")
+    ref_fwd, ref_train = _times(selective_scan_reference, *ref_inputs, 1, device)
+    fast_fwd, fast_train = _times(selective_scan, *_inputs(args.length, args.channels,
+                                                           args.state, device),
+                                  args.repeats, device)
+    scale = args.length / args.reference_length
+    print(f"device={device} L={args.length} d_inner={args.channels} N={args.state} float32 "
+          f"B=1 threads={torch.get_num_threads()} max rel_rms (values, grads)={err:.1e}")
+    rows = [(f"reference forward (L={args.reference_length})", ref_fwd, args.reference_length),
+            (f"reference fwd+bwd (L={args.reference_length})", ref_train, args.reference_length),
+            ("fast forward", fast_fwd, args.length), ("fast forward+backward", fast_train,
+                                                       args.length)]
+    for name, ms, length in rows:
+        print(f"{name:34s} {ms:10.1f} ms {length / ms * 1e3:12.0f} tokens/s")
+    note = "" if scale == 1 else \
+        f" (reference extrapolated linearly from L={args.reference_length})"
+    print(f"speed-up at L={args.length}{note}: forward {ref_fwd * scale / fast_fwd:.1f}x, "
+          f"forward+backward {ref_train * scale / fast_train:.1f}x")
 
 
 if __name__ == "__main__":

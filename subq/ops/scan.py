@@ -17,23 +17,23 @@ Three forms of the same function:
 
 * :func:`selective_scan_reference`: the explicit loop over t, one :func:`selective_scan_step`
   per token; what the fast form is held to.
-* :func:`selective_scan`: the fast form, a two-level chunked scan in time-major layout
-  ``(B, L, D, N)``. The sequence is cut into chunks of ``T`` tokens. (1) Within every chunk,
-  all chunks at once, the recurrence ``h_t = a_t h_{t-1} + x_t`` runs from a zero state: ``T``
-  in-place steps ``x_t += a_t x_{t-1}``, each on a contiguous ``(B, K, D, N)`` slice. (2) The
-  chunk entry states are carried across chunks, ``H_{k+1} = P_k H_k + x^{loc}_{k, T-1}``.
-  (3) Each token gets its entry state's contribution ``h_t = x^{loc}_t + P_{k,t} H_k``, where
-  ``P_{k,t} = exp(A * sum_{s<=t in chunk} delta_s)``. Every exponent is a *non-negative* sum of
-  steps times ``A`` (a difference ``cum_t - cum_s`` with ``s <= t``), so nothing is divided and
-  nothing overflows: a decay underflows only where its true value is below the floating-point
-  range (the closed form ``exp(S_t) cumsum(exp(-S_s) x_s)`` is not stable: it overflows once a
-  chunk decays by ~88 nats in float32). The work is that of ~3 sequential scans, in
-  ``O(L / T + T)`` vectorised steps. The sequence is processed in blocks of ``_BLOCK`` tokens
-  with the state carried between blocks, so the ``(B, L, D, N)`` states are never held whole:
-  ``y_t = sum_n C_t h_t`` is taken block by block. The backward pass is a custom autograd
-  function that recomputes each block's states from the saved chunk entry states and runs the
-  adjoint (reverse) scan ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` with the same chunked machinery.
-  Memory is O(B D N (L / T + _BLOCK)) besides the ``(B, D, L)`` inputs and outputs.
+* :func:`selective_scan`: the fast form, a two-level chunked scan with time-major states
+  ``(B, L, N, D)``. The sequence is cut into chunks of ``T = _CHUNK`` tokens. (1) Within every
+  chunk, all chunks at once, the recurrence ``h_t = a_t h_{t-1} + x_t`` runs from a zero state
+  in ``T`` in-place steps ``x_t += a_t x_{t-1}``, each on a contiguous slice, while the same
+  loop turns the decays into in-chunk products ``P_t = a_0 ... a_t``. (2) The chunk entry
+  states are carried across chunks, ``H_{k+1} = P_{k, T-1} H_k + x^{loc}_{k, T-1}``. (3) Each
+  token adds its entry state's contribution, ``h_t = x^{loc}_t + P_t H_k``. Decays
+  ``exp(delta A)`` are only ever multiplied, never divided, so nothing overflows and a product
+  underflows only where its true value is below the floating-point range (the closed form
+  ``exp(S_t) cumsum(exp(-S_s) x_s)`` is not stable: it overflows once a chunk decays by ~88 nats
+  in float32). The sequence is processed in blocks of ``_BLOCK`` tokens with the state carried
+  between them, so the ``(B, L, N, D)`` states are never held whole: ``y_t = sum_n C_t h_t`` is
+  a batched matrix product per block. The backward pass is a custom autograd function: it
+  recomputes each block's states from the saved chunk entry states and runs the adjoint scan
+  ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` backwards with the same chunked machinery; then
+  ``dx_t = g_t`` and ``d(delta_t A) = g_t a_t h_{t-1}``. Memory is O(B N D (L / T + _BLOCK))
+  besides the ``(B, D, L)`` inputs and outputs.
 * :func:`selective_scan_step`: one token, for decoding.
 
 Half precision inputs are computed in float32; outputs have ``u``'s dtype, states the
@@ -51,7 +51,7 @@ from .common import accumulation_dtype
 ScanResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 _CHUNK = 32  # tokens per chunk (T): the in-chunk loop runs T steps, the carry L / T
-_BLOCK = 1024  # tokens per block (a multiple of _CHUNK): the states held at once
+_BLOCK = 256  # tokens per block (a multiple of _CHUNK): the states held at once
 
 
 def _check(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -252,24 +252,29 @@ def _tslice(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return x if x.shape[1] == 1 else x[:, start:stop]
 
 
+def _per_group(h: torch.Tensor, groups: int) -> torch.Tensor:
+    """States ``(B, S, N, D)`` as ``(B, S, G, N, D / G)`` (a view; contiguous for G = 1)."""
+    return h[:, :, None] if groups == 1 else h.unflatten(3, (groups, -1)).transpose(2, 3)
+
+
 def _sum_n(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``sum_n h[b, s, d, n] c[b, s, d // (D / G), n]``: ``h (B, S, D, N)``, ``c (B|1, S|1, G,
-    N)`` -> ``(B, S, D)``."""
-    groups = c.shape[2]
-    hg = h.unflatten(2, (groups, h.shape[2] // groups))
-    if hg.shape[3] == 1:
-        return (hg * c[:, :, :, None]).sum(-1).flatten(2)
-    return torch.matmul(hg, c[..., None]).flatten(2)
+    """``sum_n c[b, s, d // (D / G), n] h[b, s, n, d]``: ``h (B, S, N, D)``, ``c (B|1, S|1,
+    G, N)`` -> ``(B, S, D)`` (a batched matrix product)."""
+    return torch.matmul(c[..., None, :], _per_group(h, c.shape[2])).flatten(2)
 
 
 def _sum_d(w: torch.Tensor, h: torch.Tensor, groups: int) -> torch.Tensor:
-    """``sum_{d in group g} w[b, s, d] h[b, s, d, n]``: ``w (B, S, D)``, ``h (B, S, D, N)`` ->
-    ``(B, S, G, N)``."""
-    hg = h.unflatten(2, (groups, h.shape[2] // groups))
-    wg = w.unflatten(2, (groups, w.shape[2] // groups))
-    if hg.shape[3] == 1:
-        return hg[:, :, :, 0] * wg
-    return torch.matmul(wg[..., None, :], hg)[..., 0, :]
+    """``sum_{d in group g} w[b, s, d] h[b, s, n, d]``: ``w (B, S, D)``, ``h (B, S, N, D)``
+    -> ``(B, S, G, N)``."""
+    return torch.matmul(_per_group(h, groups), w.unflatten(2, (groups, -1))[..., None])[..., 0]
+
+
+def _outer(c: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[b, s, n, d] = c[b, s, d // (D / G), n] w[b, s, d]``: ``c (B|1, S|1, G, N)``,
+    ``w (B, S, D)``, ``out (B, S, N, D)``."""
+    groups = c.shape[2]
+    torch.mul(c.transpose(2, 3)[..., None], w.unflatten(2, (groups, -1))[:, :, None],
+              out=out.unflatten(3, (groups, -1)))
 
 
 def _sum_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -280,14 +285,17 @@ def _sum_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _block_terms(delta: torch.Tensor, u: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor,
                  start: int, decay: torch.Tensor, drive: torch.Tensor) -> None:
-    """Write the decays ``exp(delta_t A)`` and drives ``delta_t B_t u_t`` ``(B, S, D, N)`` of
-    the ``S`` tokens from ``start`` into ``decay`` and ``drive``."""
+    """Write the decays ``exp(delta_t A)`` and drives ``delta_t B_t u_t`` ``(B, S, N, D)`` of
+    the ``S`` tokens from ``start`` into ``decay`` and ``drive``; ``A`` is ``(N, D)``."""
     stop = start + decay.shape[1]
-    dl = delta[:, start:stop]
-    torch.mul(dl[..., None], A, out=decay).exp_()
-    groups = Bm.shape[2]
-    torch.mul((dl * u[:, start:stop]).unflatten(2, (groups, -1))[..., None],
-              _tslice(Bm, start, stop)[:, :, :, None], out=drive.unflatten(2, (groups, -1)))
+    dl, ub = _time_major(delta, start, stop), _time_major(u, start, stop)
+    torch.mul(dl[:, :, None], A, out=decay).exp_()
+    _outer(_tslice(Bm, start, stop), dl * ub, out=drive)
+
+
+def _time_major(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Tokens ``start:stop`` of ``x (B, D, L)`` as a contiguous ``(B, S, D)``."""
+    return x[:, :, start:stop].transpose(1, 2).contiguous()
 
 
 def _blocks(length: int) -> list[tuple[int, int]]:
@@ -295,21 +303,22 @@ def _blocks(length: int) -> list[tuple[int, int]]:
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """``y_t = sum_n C_t h_t`` and the last state, time-major: ``delta, u (B, L, D)`` (L a
-    multiple of ``_CHUNK``), ``A (D, N)``, ``B, C (B|1, L|1, G, N)``, ``h0 (B, D, N)``."""
+    """``y (B, D, L) = sum_n C_t h_t`` and the last state, with time-major states ``(B, L, N,
+    D)``: ``delta, u (B, D, L)`` (L a multiple of ``_CHUNK``), ``A (N, D)``, ``B, C (B|1, L|1,
+    G, N)``, ``h0 (B, N, D)``. Inputs and outputs are transposed block by block."""
 
     @staticmethod
     def forward(ctx, delta, u, A, Bm, Cm, h0):
-        chunk, shape = _CHUNK, (*delta.shape[:1], min(_BLOCK, delta.shape[1]), *A.shape)
+        chunk, shape = _CHUNK, (*delta.shape[:1], min(_BLOCK, delta.shape[2]), *A.shape)
         decay_buf, drive_buf = delta.new_empty(shape), delta.new_empty(shape)
         y = torch.empty_like(delta)
         entries, h = [], h0
-        for start, stop in _blocks(delta.shape[1]):
+        for start, stop in _blocks(delta.shape[2]):
             decay, drive = decay_buf[:, :stop - start], drive_buf[:, :stop - start]
             _block_terms(delta, u, A, Bm, start, decay, drive)
             block_entries, h = _scan_chunks(_chunked(decay, chunk), _chunked(drive, chunk), h)
             entries.append(block_entries)
-            y[:, start:stop] = _sum_n(drive, _tslice(Cm, start, stop))
+            y[:, :, start:stop] = _sum_n(drive, _tslice(Cm, start, stop)).transpose(1, 2)
         ctx.save_for_backward(delta, u, A, Bm, Cm, torch.cat(entries, dim=1))
         return y, h
 
@@ -317,15 +326,16 @@ class _SelectiveScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy, dh_last):
         delta, u, A, Bm, Cm, entries = ctx.saved_tensors
-        chunk, shape = _CHUNK, (*delta.shape[:1], min(_BLOCK, delta.shape[1]), *A.shape)
+        chunk, shape = _CHUNK, (*delta.shape[:1], min(_BLOCK, delta.shape[2]), *A.shape)
         decay_buf, g_buf, rcum_buf = (delta.new_empty(shape) for _ in range(3))
         buf = delta.new_empty(shape[0], shape[1] + 1, *shape[2:])
         ddelta, du = torch.empty_like(delta), torch.empty_like(u)
         dA, dB, dC = torch.zeros_like(A), torch.zeros_like(Bm), torch.zeros_like(Cm)
         r = dh_last
-        for start, stop in reversed(_blocks(delta.shape[1])):
+        for start, stop in reversed(_blocks(delta.shape[2])):
             size, first = stop - start, start // chunk
-            dl, ub, dyb = delta[:, start:stop], u[:, start:stop], dy[:, start:stop]
+            dl, ub = _time_major(delta, start, stop), _time_major(u, start, stop)
+            dyb = _time_major(dy, start, stop)
             Bb, Cb = _tslice(Bm, start, stop), _tslice(Cm, start, stop)
             decay, g = decay_buf[:, :size], g_buf[:, :size]
             # States, recomputed from the saved chunk entry states: buf[:, s + 1] = h_s.
@@ -337,8 +347,7 @@ class _SelectiveScan(torch.autograd.Function):
             for t in range(1, chunk):
                 h[:, :, t].addcmul_(a[:, :, t], h[:, :, t - 1])
             dC_block = _sum_d(dyb, states, Cm.shape[2])
-            torch.mul(dyb.unflatten(2, (Cm.shape[2], -1))[..., None], Cb[:, :, :, None],
-                      out=g.unflatten(2, (Cm.shape[2], -1)))
+            _outer(Cb, dyb, out=g)
             r = _adjoint_chunks(a, _chunked(g, chunk), r, _chunked(rcum_buf[:, :size], chunk))
             gB = _sum_n(g, Bb)
             dB_block = _sum_d(dl * ub, g, Bm.shape[2])
@@ -348,9 +357,10 @@ class _SelectiveScan(torch.autograd.Function):
                 else:
                     grad[:, start:stop] = _sum_to(block, full)
             dlog_decay = g.mul_(decay).mul_(previous)  # d loss / d (delta_t A)
-            dA += (dlog_decay * dl[..., None]).sum((0, 1))
-            ddelta[:, start:stop] = torch.einsum("bsdn,dn->bsd", dlog_decay, A) + ub * gB
-            du[:, start:stop] = dl * gB
+            dA += (dlog_decay * dl[:, :, None]).sum((0, 1))
+            ddelta[:, :, start:stop] = (torch.einsum("bsnd,nd->bsd", dlog_decay, A)
+                                        + ub * gB).transpose(1, 2)
+            du[:, :, start:stop] = (dl * gB).transpose(1, 2)
         return ddelta, du, dA, dB, dC, r
 
 
@@ -382,6 +392,11 @@ def _pad_time(x: torch.Tensor, length: int, value: float = 0.0) -> torch.Tensor:
     """Pad dim 1 of ``x`` to ``length`` with ``value``."""
     extra = length - x.shape[1]
     return F.pad(x, (0, 0) * (x.dim() - 2) + (0, extra), value=value) if extra else x
+
+
+def _pad_last(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad the last dim of ``x`` to ``length`` with zeros."""
+    return F.pad(x, (0, length - x.shape[-1])) if length > x.shape[-1] else x
 
 
 def _padded_length(length: int) -> int:
@@ -456,10 +471,10 @@ def selective_scan(
         out = u.new_zeros(u.shape)
         return (out, state0) if return_last_state else out
     padded = _padded_length(length)
-    delta_t = _pad_time(_discretise_delta(delta, delta_bias, delta_softplus, acc)
-                        .transpose(1, 2), padded).contiguous()
-    u_t = _pad_time(u.to(acc).transpose(1, 2), padded).contiguous()
-    y, last = _SelectiveScan.apply(delta_t, u_t, A.to(acc), _time_major_bc(B, padded, acc),
-                                   _time_major_bc(C, padded, acc), state0)
-    out = _output(y[:, :length].transpose(1, 2), u, D, z, acc)
-    return (out, last) if return_last_state else out
+    delta_p = _pad_last(_discretise_delta(delta, delta_bias, delta_softplus, acc), padded)
+    u_p = _pad_last(u.to(acc), padded)
+    y, last = _SelectiveScan.apply(delta_p, u_p, A.to(acc).T.contiguous(),
+                                   _time_major_bc(B, padded, acc), _time_major_bc(C, padded, acc),
+                                   state0.transpose(1, 2).contiguous())
+    out = _output(y[..., :length], u, D, z, acc)
+    return (out, last.transpose(1, 2)) if return_last_state else out
