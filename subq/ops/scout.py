@@ -13,10 +13,11 @@ its last token, which is why a strided selection suffices (the released code's
 ``key_states[:, :, S-1::S]``).
 
 Fast path: gather the ``floor(L/S)`` checkpoint keys and values once; queries in blocks of
-``_BLOCK`` rows score only the checkpoints that block can see, and the self logit joins the
-same softmax. Time O(L^2 D / S), memory O(block * L / S): never an L x L tensor. The default
-``S = 10`` saves a constant factor; ``segment=None`` picks ``S = round(sqrt(L))``, giving
-O(L^1.5). Decoding keeps only the checkpoints (``floor(t/S)`` keys after t tokens); the
+``_BLOCK`` rows attend, in one fused SDPA call per block, to the checkpoints the block
+can see and to the block's own keys, masked to the diagonal (the self term), all in the same
+softmax. Time O(L (L/S + block) D), memory O(block (L/S + block)): never an L x L tensor.
+The default ``S = 10`` saves a constant factor; ``segment=None`` picks ``S = round(sqrt(L))``,
+giving O(L^1.5). Decoding keeps only the checkpoints (``floor(t/S)`` keys after t tokens); the
 current token is used as the self term and cached iff it ends a segment.
 
 Options: ``segment=10`` (None: about sqrt(L); decoding needs a fixed S). Patterns: causal self.
@@ -28,10 +29,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..registry import Mechanism, Option, Pattern
 from . import masks
-from .common import accumulation_dtype
 from .reference import masked_attention, masked_weights
 
 DEFAULT_SEGMENT = 10
@@ -51,46 +52,42 @@ def scout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
     ``q (B, Hq, L, D)``, ``k (B, Hkv, L, D)``, ``v (B, Hkv, L, Dv)`` -> ``(B, Hq, L, Dv)``;
     ``key_padding_mask (B, L)`` (True = ignore) hides padded checkpoints and padded selves.
+    Each block of rows is one fused SDPA call over ``[visible checkpoints ‖ the block's own
+    keys]`` with an additive mask: checkpoint ``c`` is visible to row ``i`` iff
+    ``c < floor(i / S)``, and of the block's own keys only the diagonal (the self term).
+    A checkpoint that is row i itself is not visible to i as a checkpoint, so nothing is
+    counted twice.
     """
     batch, q_heads, length, dim = q.shape
     kv_heads, dv = k.shape[1], v.shape[-1]
     groups = q_heads // kv_heads
     s = resolve_segment(segment, length)
-    scale = dim ** -0.5 if scale is None else scale
-    acc = accumulation_dtype(q.dtype)
-    q5 = q.to(acc).view(batch, kv_heads, groups, length, dim)
-    k, v = k.to(acc), v.to(acc)
     ck, cv = k[:, :, s - 1::s], v[:, :, s - 1::s]  # (B, Hkv, n_ckpt, D)
-    self_logit = torch.einsum("bhgld,bhld->bhgl", q5, k) * scale
-    pad = None  # (B, 1, 1, 1, n_ckpt): padded checkpoints, broadcast over heads and rows
-    if key_padding_mask is not None:
-        self_logit = self_logit.masked_fill(key_padding_mask[:, None, None], float("-inf"))
-        pad = key_padding_mask[:, None, None, None, s - 1::s]
-
+    # (B, Hq, L, D) -> (B, Hkv, groups, L, D): the heads of a GQA group share keys.
+    q5 = q.view(batch, kv_heads, groups, length, dim)
     blocks = []
     for start in range(0, length, _BLOCK):
         stop = min(start + _BLOCK, length)
+        rows = stop - start
         visible = (stop - 1) // s  # checkpoints any row of this block can see
-        rows = torch.arange(start, stop, device=q.device)[:, None]
-        ckpt = torch.arange(visible, device=q.device)[None, :]
-        allowed = ckpt < torch.div(rows, s, rounding_mode="floor")  # (rows, visible)
-        if pad is not None:
-            allowed = allowed & ~pad[..., :visible]
-        logits = torch.einsum("bhgld,bhcd->bhglc", q5[:, :, :, start:stop],
-                              ck[:, :, :visible]) * scale
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        own = self_logit[..., start:stop]
-        peak = torch.maximum(logits.amax(dim=-1), own).detach() if visible else own.detach()
-        peak = peak.masked_fill(~torch.isfinite(peak), 0.0)  # rows that see nothing
-        p = torch.exp(logits - peak[..., None])
-        p_self = torch.exp(own - peak)
-        denom = p.sum(dim=-1) + p_self
-        num = torch.einsum("bhglc,bhcd->bhgld", p, cv[:, :, :visible])
-        num = num + p_self[..., None] * v[:, :, None, start:stop]
-        safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-        blocks.append(num / safe[..., None])
-    out = torch.cat(blocks, dim=3) if blocks else q5.new_zeros(batch, kv_heads, groups, 0, dv)
-    return out.reshape(batch, q_heads, length, dv).to(q.dtype)
+        i = torch.arange(start, stop, device=q.device)[:, None]
+        seen = torch.arange(visible, device=q.device)[None, :] < torch.div(
+            i, s, rounding_mode="floor")
+        own = torch.eye(rows, dtype=torch.bool, device=q.device)
+        allowed = torch.cat([seen, own], dim=1)  # (rows, visible + rows)
+        if key_padding_mask is not None:
+            pad = torch.cat([key_padding_mask[:, s - 1::s][:, :visible],
+                             key_padding_mask[:, start:stop]], dim=1)
+            allowed = allowed & ~pad[:, None, None, :]  # (B, 1, rows, keys)
+        allowed = torch.cat([allowed] * groups, dim=-2)  # rows ordered (group, row) as qb
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~allowed, float("-inf"))  # an all -inf row outputs 0
+        keys = torch.cat([ck[:, :, :visible], k[:, :, start:stop]], dim=2)
+        values = torch.cat([cv[:, :, :visible], v[:, :, start:stop]], dim=2)
+        qb = q5[:, :, :, start:stop].reshape(batch, kv_heads, groups * rows, dim)
+        out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=bias, scale=scale)
+        blocks.append(out.view(batch, kv_heads, groups, rows, dv))
+    return torch.cat(blocks, dim=3).reshape(batch, q_heads, length, dv)
 
 
 def checkpoint_mask(length: int, segment: int, device: torch.device | str | None = None
