@@ -1,0 +1,70 @@
+"""Learned relative positional encoding for kernelized attention (Luo et al. 2021, DESIGN key
+``kernelized_rpe``): a table of scalars ``b_t``, one per relative offset ``t = j - i`` (and per
+head unless shared), zero-initialised, and the attention layer that uses it:
+
+    out_i = phi(q_i) sum_j e^{b_{j-i}} phi(k_j)^T v_j / phi(q_i) sum_j e^{b_{j-i}} phi(k_j)^T
+
+(see :mod:`subq.ops.kernelized_rpe`; the Toeplitz products are computed by FFT).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import subq
+
+from .dit import merge_heads, split_heads
+
+
+class RelativePositionBias(nn.Module):
+    """``b`` for offsets ``-(max_len - 1) .. max_len - 1``: ``(heads, 2 max_len - 1)`` (one row
+    if ``shared``), zeros at initialisation. ``forward(lq, lk)`` gives the slice for offsets
+    ``-(lq - 1) .. lk - 1`` in the layout of ``kernelized_rpe``'s ``bias`` option."""
+
+    def __init__(self, heads: int, max_len: int, shared: bool = False) -> None:
+        super().__init__()
+        if max_len < 1:
+            raise ValueError(f"max_len must be a positive int, got {max_len}")
+        self.max_len = max_len
+        self.table = nn.Parameter(torch.zeros(1 if shared else heads, 2 * max_len - 1))
+
+    def forward(self, lq: int, lk: int) -> torch.Tensor:
+        if max(lq, lk) > self.max_len:
+            raise ValueError(f"lengths ({lq}, {lk}) exceed max_len={self.max_len}")
+        centre = self.max_len - 1
+        return self.table[:, centre - (lq - 1): centre + lk]
+
+
+class KernelizedRPEAttention(nn.Module):
+    """Multi-head self attention with NPRF features and a learned RPE, ``attn(x (B, L, D))``.
+
+    The random projection ``w (m, d)`` is a buffer drawn from ``seed``; with ``redraw=True`` a
+    fresh one is drawn at every training-mode forward (Performer's policy), otherwise it stays
+    fixed (the paper does not say which it used).
+    """
+
+    def __init__(self, dim: int, heads: int, max_len: int, *, num_features: int = 32,
+                 causal: bool = False, shared_bias: bool = False, redraw: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
+        self.heads, self.causal, self.redraw = heads, causal, redraw
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.bias = RelativePositionBias(heads, max_len, shared_bias)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("projection", self._draw(num_features, dim // heads))
+
+    def _draw(self, num_features: int, head_dim: int) -> torch.Tensor:
+        return torch.randn(num_features, head_dim, generator=self.generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.redraw:
+            self.projection = self._draw(*self.projection.shape).to(self.projection)
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        length = x.shape[1]
+        o = subq.attention(q, k, v, method="kernelized_rpe", causal=self.causal,
+                           bias=self.bias(length, length), projection=self.projection)
+        return self.proj(merge_heads(o))
