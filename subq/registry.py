@@ -179,6 +179,14 @@ class Mechanism:
 BUILTIN: tuple[str, ...] = (
     "dense",
     "local",
+    "linear",
+    "hierarchical_local",
+    "ntk",
+    "kernelized_rpe",
+    "combiner",
+    "hip",
+    "scout",
+    "hax",
 )
 
 _REGISTRY: dict[str, Mechanism] = {}
