@@ -117,11 +117,17 @@ def _prepare(method: str, q, k, v, causal, cross, scale, key_padding_mask, optio
     return _Call(mech, pattern, _resolve_scale(scale, q.shape[-1]), mech.resolve_options(options))
 
 
-def _empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """Length 0: an empty output; no keys at all: every query sees nothing and outputs zeros."""
+def _run(which: str, method, q, k, v, causal, cross, scale, key_padding_mask, options
+         ) -> torch.Tensor:
+    """Check, then call the mechanism's fast path (``which="fn"``) or its reference. Length 0
+    gives an empty output; no keys at all: every query sees nothing and outputs zeros."""
+    call = _prepare(method, q, k, v, causal, cross, scale, key_padding_mask, options)
     if q.shape[2] == 0 or k.shape[2] == 0:
         return q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
-    return None
+    return getattr(call.mechanism, which)(
+        q, k, v, causal=call.pattern.causal, cross=call.pattern.cross, scale=call.scale,
+        key_padding_mask=key_padding_mask, **call.options,
+    )
 
 
 def attention(
@@ -158,14 +164,7 @@ def attention(
         ValueError: bad shapes, dtypes, unknown methods or options, option values out of range.
         NotImplementedError: a pattern or feature the mechanism does not support.
     """
-    call = _prepare(method, q, k, v, causal, cross, scale, key_padding_mask, options)
-    empty = _empty_result(q, k, v)
-    if empty is not None:
-        return empty
-    return call.mechanism.fn(
-        q, k, v, causal=call.pattern.causal, cross=call.pattern.cross, scale=call.scale,
-        key_padding_mask=key_padding_mask, **call.options,
-    )
+    return _run("fn", method, q, k, v, causal, cross, scale, key_padding_mask, options)
 
 
 def reference(
@@ -180,14 +179,7 @@ def reference(
     **options: Any,
 ) -> torch.Tensor:
     """The mechanism's O(Lq x Lk) reference computation, with :func:`attention`'s arguments."""
-    call = _prepare(method, q, k, v, causal, cross, scale, key_padding_mask, options)
-    empty = _empty_result(q, k, v)
-    if empty is not None:
-        return empty
-    return call.mechanism.reference(
-        q, k, v, causal=call.pattern.causal, cross=call.pattern.cross, scale=call.scale,
-        key_padding_mask=key_padding_mask, **call.options,
-    )
+    return _run("reference", method, q, k, v, causal, cross, scale, key_padding_mask, options)
 
 
 def weights(
