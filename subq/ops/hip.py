@@ -22,9 +22,12 @@ search sees keys ``< s - w`` only, so the mask of query ``i`` depends on nothing
 ``s <= i``: the output is prefix-consistent. Non-causal blocks use their own queries
 ``q_{s + r b_sq}``.
 
-Cost: the search is O((L / b_q) (topk / b_k) b_k (b_q / b_sq) D log(L / topk)); the attention
-gathers ``sink + topk + w + b_q`` keys per block: O(L (topk + w + sink) D) time and memory in
-bounded chunks of blocks, never an L x L tensor. Patterns: causal self, noncausal self.
+Cost: the search is O((L / b_q) (topk / b_k) b_k (b_q / b_sq) D log(L / topk)), query blocks
+grouped by their number of iterations so that none runs a wasted one; the attention gathers
+``sink + topk + w + b_q`` keys per block and runs one fused SDPA call per cache-sized chunk of
+blocks (an additive mask removes duplicates, padding and the causal cut): O(L (topk + w + sink)
+D) time, O(L D) memory beyond bounded chunks, never an L x L tensor. Patterns: causal self,
+noncausal self.
 
 Decoding keeps a KV cache (growing by doubling, written in place) and the last ``b_q`` queries;
 every ``refresh`` steps (at ``t = 0, r_m, 2 r_m, ...``) it re-runs the search for the step's
@@ -39,15 +42,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..registry import SELF_PATTERNS, Mechanism, Option
-from .common import accumulation_dtype
-from .hip_mask import REPRESENTATIVES, search_blocks
+from .common import accumulation_dtype, new_empty
+from .hip_mask import REPRESENTATIVES, search_blocks, search_iterations
 from .reference import masked_attention, masked_weights
 
 DEFAULTS = dict(topk=512, block_q=32, block_k=2, query_stride=2, sink=16, window=256,
                 representative="center", refresh=8)
-_CHUNK_ELEMENTS = 1 << 22  # gathered elements per chunk of query blocks in the attention
+# The attention builds key layouts for chunks of about _CHUNK_KEYS (row, key) pairs and gathers
+# keys and values for sub-chunks of about _GATHER_ELEMENTS elements (kept in cache).
+_CHUNK_KEYS = 1 << 17
+_GATHER_ELEMENTS = 1 << 19
 
 
 def _n_nodes(topk: int, block_k: int) -> int:
@@ -74,38 +81,59 @@ class _Blocks:
     blocks: torch.Tensor  # (N, m) long
     valid: torch.Tensor  # (N, m) bool
 
+    def rows(self, i: int, j: int) -> _Blocks:
+        return _Blocks(self.start[i:j], self.range_end[i:j], self.blocks[i:j], self.valid[i:j])
+
+
+def _search_groups(ends: list[int], n_nodes: int, block_k: int) -> list[tuple[int, int]]:
+    """Runs ``[n0, n1)`` of consecutive query blocks whose searches take the same number of
+    iterations: each run is searched with no wasted iteration."""
+    its = [search_iterations(-(-end // block_k), n_nodes) for end in ends]
+    groups: list[tuple[int, int]] = []
+    for n, it in enumerate(its):
+        if groups and its[groups[-1][0]] == it:
+            groups[-1] = (groups[-1][0], n + 1)
+        else:
+            groups.append((n, n + 1))
+    return groups
+
 
 def _select(q, k, causal, key_padding_mask, topk, block_q, block_k, query_stride, window,
             representative) -> _Blocks:
-    """Run the tree search for every query block of a prefill."""
+    """Run the tree search for every query block of a prefill (rows ``(b, h, n)``)."""
     batch, q_heads, length, dim = q.shape
     kv_heads = k.shape[1]
-    groups = q_heads // kv_heads
     n_q_blocks = -(-length // block_q)
+    n_nodes = _n_nodes(topk, block_k)
     device = q.device
     acc = accumulation_dtype(q.dtype)
-    start = torch.arange(n_q_blocks, device=device) * block_q
     offsets = torch.arange(_n_representatives(block_q, query_stride), device=device) * query_stride
-    rep_pos = start[:, None] - offsets if causal else start[:, None] + offsets
-    rep_ok = (rep_pos >= 0) & (rep_pos < length)
-    head = torch.arange(batch * q_heads, device=device)
-    q_flat = q.detach().to(acc).reshape(-1, dim)
-    q_rep = q_flat[head[:, None, None] * length + rep_pos.clamp(0, length - 1)]
+    heads = batch * q_heads
+    q_flat = q.detach().reshape(heads, length, dim)
+    kv_row = _kv_rows(batch, kv_heads, q_heads // kv_heads, device)
+    key_ok = None if key_padding_mask is None else (~key_padding_mask)[:, None].expand(
+        batch, kv_heads, length).reshape(-1)
+    keys = k.detach().reshape(-1, dim)
     # Built from Python ints: inductor's index propagation mis-handles clamp + floor division
     # of arange-derived search ranges (torch 2.13, "vr must not be None").
     ends = [max(0, n * block_q - window) if causal else length for n in range(n_q_blocks)]
-    range_end, max_range = torch.tensor(ends, device=device), max(ends)
-    kv_row = _kv_rows(batch, kv_heads, groups, device)
-    key_offset = (kv_row * length)[:, None].expand(-1, n_q_blocks).reshape(-1)
-    key_ok = None if key_padding_mask is None else (~key_padding_mask)[:, None].expand(
-        batch, kv_heads, length).reshape(-1)
-    range_end = range_end.repeat(batch * q_heads)
-    blocks, valid = search_blocks(
-        q_rep.reshape(-1, offsets.shape[0], dim), rep_ok.repeat(batch * q_heads, 1),
-        k.detach().reshape(-1, dim), key_offset, range_end, max_range,
-        n_nodes=_n_nodes(topk, block_k), block_k=block_k, representative=representative,
-        key_ok=key_ok)
-    return _Blocks(start.repeat(batch * q_heads), range_end, blocks, valid)
+    blocks, valid = [], []
+    for n0, n1 in _search_groups(ends, n_nodes, block_k):
+        start = torch.arange(n0, n1, device=device) * block_q
+        rep_pos = start[:, None] - offsets if causal else start[:, None] + offsets
+        rep_ok = ((rep_pos >= 0) & (rep_pos < length)).repeat(heads, 1)
+        q_rep = q_flat[:, rep_pos.clamp(0, length - 1)].reshape(-1, offsets.shape[0], dim)
+        group_end = torch.tensor(ends[n0:n1], device=device).repeat(heads)
+        found, ok = search_blocks(
+            q_rep.to(acc), rep_ok, keys, (kv_row * length).repeat_interleave(n1 - n0),
+            group_end, max(ends[n0:n1]), n_nodes=n_nodes, block_k=block_k,
+            representative=representative, key_ok=key_ok)
+        blocks.append(found.view(heads, n1 - n0, -1))
+        valid.append(ok.view(heads, n1 - n0, -1))
+    start = (torch.arange(n_q_blocks, device=device) * block_q).repeat(heads)
+    range_end = torch.tensor(ends, device=device).repeat(heads)
+    return _Blocks(start, range_end, torch.cat(blocks, dim=1).flatten(0, 1),
+                   torch.cat(valid, dim=1).flatten(0, 1))
 
 
 def _key_layout(sel: _Blocks, *, block_k: int, sink: int, window: int, span: int, causal: bool
@@ -113,8 +141,8 @@ def _key_layout(sel: _Blocks, *, block_k: int, sink: int, window: int, span: int
     """Key positions ``(N, K)`` each row attends to and which of them count: sink (``j <
     sink`` outside the window), selected blocks (``sink <= j < range_end``, outside the
     window), then the window, ``w + span`` keys from ``s - w`` (``+ w`` when non-causal), last.
-    Each key counts once; causality is left to the window segment (every other counted key
-    is ``< s - w``)."""
+    Each key counts once (duplicates are masked, not removed); causality is left to the window
+    segment (every other counted key is ``< s - w``)."""
     device = sel.start.device
     s = sel.start[:, None]
     after = span + (0 if causal else window)
@@ -134,30 +162,34 @@ def _key_layout(sel: _Blocks, *, block_k: int, sink: int, window: int, span: int
     return pos, ok
 
 
-def _attend(q_rows, k_flat, v_flat, key_offset, pos, ok, window_bias, scale, may_be_empty):
+def _attend(q_rows, k_flat, v_flat, key_offset, layout, n_keys, window_bias, scale):
     """Block-sparse softmax: row ``n`` (queries ``q_rows[n] (span, D)``) attends to the keys
-    ``pos[n] (K,)`` where ``ok[n]``; ``window_bias (span, W)`` (0 or -inf) adds causality to
-    the last ``W`` keys. ``may_be_empty``: some query may see no key (then it outputs 0)."""
+    at ``pos[n] (n_keys,)`` where ``ok[n]``, ``pos, ok = layout(i, j)`` for rows ``i:j``;
+    ``window_bias (span, W)`` (0 or -inf) adds causality to the last ``W`` keys. The layout is
+    built for chunks of rows; the keys are gathered, and attended by one fused SDPA call with
+    an additive mask, for sub-chunks small enough to stay in cache. A query that sees no key
+    outputs 0."""
     rows, span, dim = q_rows.shape
-    n_keys, dv, n_window = pos.shape[1], v_flat.shape[-1], window_bias.shape[-1]
-    chunk = max(1, _CHUNK_ELEMENTS // (n_keys * (dim + dv + span)))
-    outs = []
+    dv = v_flat.shape[-1]
+    sub = max(1, _GATHER_ELEMENTS // (n_keys * (dim + dv + span)))
+    chunk = sub * max(1, _CHUNK_KEYS // (sub * n_keys))
+    causal_bias = torch.zeros(span, n_keys, dtype=q_rows.dtype, device=q_rows.device)
+    causal_bias[:, n_keys - window_bias.shape[-1]:] = window_bias
+    out = new_empty(rows, span, dv, like=q_rows)
     for i in range(0, rows, chunk):
-        o = ok[i:i + chunk]
-        flat = torch.where(o, key_offset[i:i + chunk, None] + pos[i:i + chunk],
-                           key_offset[i:i + chunk, None])
-        keys, values = k_flat[flat].to(q_rows.dtype), v_flat[flat].to(q_rows.dtype)
-        bias = torch.zeros(o.shape, dtype=q_rows.dtype, device=o.device)
-        bias = bias.masked_fill(~o, float("-inf"))[:, None]
-        scores = torch.baddbmm(bias, q_rows[i:i + chunk], keys.transpose(1, 2), alpha=scale)
-        scores[..., n_keys - n_window:] += window_bias
-        if may_be_empty:
-            empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
-            p = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-        else:
-            p = torch.softmax(scores, dim=-1)
-        outs.append(torch.bmm(p, values))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+        pos, ok = layout(i, i + chunk)
+        flat = key_offset[i:i + pos.shape[0], None] + torch.where(ok, pos, 0)
+        key_bias = torch.zeros(ok.shape, dtype=q_rows.dtype, device=ok.device)
+        key_bias = key_bias.masked_fill(~ok, float("-inf"))[:, None, None, :]
+        for a in range(0, pos.shape[0], sub):
+            index = flat[a:a + sub].reshape(-1)
+            n = index.shape[0] // n_keys
+            keys = k_flat.index_select(0, index).view(n, 1, n_keys, dim).to(q_rows.dtype)
+            values = v_flat.index_select(0, index).view(n, 1, n_keys, dv).to(q_rows.dtype)
+            out[i + a:i + a + n] = F.scaled_dot_product_attention(
+                q_rows[i + a:i + a + n, None], keys, values,
+                attn_mask=key_bias[a:a + n] + causal_bias, scale=scale)[:, 0]
+    return out
 
 
 def _window_bias(span: int, n_window: int, offset: int, causal: bool, dtype, device
@@ -194,22 +226,30 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     acc = accumulation_dtype(q.dtype)
     sel = _select(q, k, causal, key_padding_mask, topk, block_q, block_k, query_stride, window,
                   representative)
-    pos, ok = _key_layout(sel, block_k=block_k, sink=min(sink, length), window=window,
-                          span=block_q, causal=causal)
-    ok = ok & (pos < length)
     n_window = window + block_q + (0 if causal else window)
     n_q_blocks = -(-length // block_q)
     kv_row = _kv_rows(batch, kv_heads, q_heads // kv_heads, q.device)
-    key_offset = (kv_row * length)[:, None].expand(-1, n_q_blocks).reshape(-1)
-    if key_padding_mask is not None:
-        key_ok = (~key_padding_mask)[:, None].expand(batch, kv_heads, length).reshape(-1)
-        ok = ok & key_ok[key_offset[:, None] + pos.clamp(0, length - 1)]
+    key_offset = (kv_row * length).repeat_interleave(n_q_blocks)
+    key_ok = None if key_padding_mask is None else (~key_padding_mask)[:, None].expand(
+        batch, kv_heads, length).reshape(-1)
+
+    def layout(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos, ok = _key_layout(sel.rows(i, j), block_k=block_k, sink=min(sink, length),
+                              window=window, span=block_q, causal=causal)
+        ok = ok & (pos < length)
+        if key_ok is not None:
+            ok = ok & key_ok[key_offset[i:j, None] + pos.clamp(0, length - 1)]
+        return pos, ok
+
     padded = n_q_blocks * block_q
-    q_rows = torch.nn.functional.pad(q.to(acc), (0, 0, 0, padded - length))
+    q_rows = q.to(acc)
+    if padded > length:
+        q_rows = F.pad(q_rows, (0, 0, 0, padded - length))
     q_rows = q_rows.reshape(-1, block_q, dim)
     bias = _window_bias(block_q, n_window, window, causal, acc, q.device)
-    out = _attend(q_rows, k.reshape(-1, dim), v.reshape(-1, dv), key_offset, pos, ok, bias,
-                  scale, key_padding_mask is not None)
+    n_keys = min(sink, length) + _n_nodes(topk, block_k) * block_k + n_window
+    out = _attend(q_rows, k.reshape(-1, dim), v.reshape(-1, dv), key_offset, layout, n_keys,
+                  bias, scale)
     return out.reshape(batch, q_heads, padded, dv)[:, :, :length].to(q.dtype)
 
 
@@ -330,15 +370,18 @@ def step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: HipCach
         state.selection = _refresh(state, t, kv_row, topk=topk, block_q=block_q,
                                    block_k=block_k, query_stride=query_stride, window=window,
                                    representative=representative)
-    pos, ok = _key_layout(state.selection, block_k=block_k, sink=sink, window=window,
-                          span=refresh, causal=True)
-    ok = ok & (pos <= t)
+    def layout(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos, ok = _key_layout(state.selection.rows(i, j), block_k=block_k, sink=sink,
+                              window=window, span=refresh, causal=True)
+        return pos, ok & (pos <= t)
+
     acc = accumulation_dtype(q_t.dtype)
     capacity, dv = state.keys.shape[2], state.values.shape[-1]
     bias = _window_bias(1, window + refresh, window + t - int(state.selection.start[0]), True,
                         acc, q_t.device)
     out = _attend(q_t.to(acc).reshape(-1, 1, dim), state.keys.reshape(-1, dim),
-                  state.values.reshape(-1, dv), kv_row * capacity, pos, ok, bias, scale, False)
+                  state.values.reshape(-1, dv), kv_row * capacity, layout,
+                  sink + _n_nodes(topk, block_k) * block_k + window + refresh, bias, scale)
     return out.reshape(batch, q_heads, 1, dv).to(q_t.dtype), state
 
 

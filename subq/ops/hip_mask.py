@@ -13,9 +13,13 @@ For one query block with representative queries ``Q_rep`` and ``n`` searchable k
    repeat while ``m 2^it < n``, i.e. ``ceil(log2(n / m))`` times, until every kept branch is one
    block. The kept blocks are the selection: exactly ``min(m, n)`` distinct blocks.
 
-:func:`search_blocks` runs the search vectorised over rows (batch x heads x query blocks), one
-``torch.sort`` per iteration: O(rows x m x block_k x D x log(n / m)) time, never a rows x n
-tensor. :func:`search_blocks_loop` is the obvious per-row loop, kept for the tests.
+:func:`search_blocks` runs the search vectorised over rows (batch x heads x query blocks): per
+iteration, one gather of the representative keys (``2m b_k`` per row, never the branches'
+other keys), one batched matmul against the row's representative queries, and the stable
+top-``m`` by one ``kthvalue`` threshold plus cumulative sums (:func:`best_in_order`, no sort):
+O(rows x m x block_k x D x log(n / m)) time, never a rows x n tensor; the integer work runs on
+chunks of rows, the gathers on cache-sized sub-chunks. :func:`search_blocks_loop` is the
+obvious per-row loop, kept for the tests.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ from __future__ import annotations
 import torch
 
 REPRESENTATIVES = ("center", "first")
-_CHUNK_ELEMENTS = 1 << 22  # gathered key elements per chunk of rows: bounds the search's memory
+# Rows are searched in chunks whose index tensors hold about _CHUNK_NODES entries (few, large
+# integer ops); their representative keys are gathered and scored in sub-chunks of about
+# _GATHER_ELEMENTS elements, small enough to stay in cache.
+_CHUNK_NODES = 1 << 18
+_GATHER_ELEMENTS = 1 << 19
 
 
 def search_iterations(n_blocks: int, n_nodes: int) -> int:
@@ -38,37 +46,62 @@ def _representative(start: torch.Tensor, size: torch.Tensor, representative: str
     return start + size // 2 if representative == "center" else start
 
 
-def _search_chunk(q_rep, q_ok, keys, key_ok, key_offset, range_end, max_blocks, n_nodes,
+def best_in_order(score: torch.Tensor, n_best: int) -> torch.Tensor:
+    """``(rows, n_best)``: the indices of the ``n_best`` largest scores of each row, ties going
+    to the earlier index, listed in increasing index order: a stable descending sort's first
+    ``n_best`` entries, sorted, found with one ``kthvalue`` and cumulative sums (no sort)."""
+    rows, count = score.shape
+    threshold = score.kthvalue(count - n_best + 1, dim=1, keepdim=True).values
+    greater = score > threshold
+    tied = score == threshold
+    room = n_best - greater.sum(dim=1, keepdim=True)
+    keep = greater | (tied & (tied.cumsum(dim=1) <= room))
+    slot = torch.where(keep, keep.cumsum(dim=1) - 1, n_best)
+    index = torch.arange(count, device=score.device).expand(rows, -1)
+    out = torch.zeros(rows, n_best + 1, dtype=index.dtype, device=score.device)
+    return out.scatter_(1, slot, index)[:, :n_best]
+
+
+def _max_dots(q_rep: torch.Tensor, keys: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``(rows, C)``: ``max_r q_rep[n, r] . keys[flat[n, c]]``, one gather and one batched
+    matmul (rows few enough that the gathered keys stay in cache)."""
+    rows, dim = flat.shape[0], keys.shape[-1]
+    k_rep = keys.index_select(0, flat.view(-1)).view(rows, -1, dim).to(q_rep.dtype)
+    return torch.bmm(q_rep, k_rep.transpose(1, 2)).amax(dim=1)
+
+
+def _search_chunk(q_rep, q_ok, keys, key_ok, key_offset, range_end, iterations, n_nodes,
                   block_k, representative):
     rows = q_rep.shape[0]
+    gather_rows = max(1, _GATHER_ELEMENTS // (2 * n_nodes * block_k * max(keys.shape[-1], 1)))
     n_blocks = (range_end + block_k - 1) // block_k  # (rows,)
     node = torch.arange(n_nodes + 1, device=q_rep.device)
+    # Positions fit in int32 (keys.shape[0] < 2^31 is checked by the caller's indexing):
+    # half the memory traffic of the integer work.
     bounds = (n_blocks[:, None] * node) // n_nodes
     start, size = bounds[:, :-1], bounds[:, 1:] - bounds[:, :-1]
     within = torch.arange(block_k, device=q_rep.device)
     # A missing representative becomes a copy of the first (which always exists): the max over
     # representatives is unchanged and needs no mask.
     q_rep = torch.where(q_ok[..., None], q_rep, q_rep[:, :1])
-    for it in range(search_iterations(max_blocks, n_nodes)):
+    for it in range(iterations):
         half = size // 2
         child_start = torch.stack((start, start + half), dim=-1).flatten(1)  # (rows, 2m)
         child_size = torch.stack((half, size - half), dim=-1).flatten(1)
         pos = _representative(child_start, child_size, representative)[..., None] * block_k
         pos = pos + within  # (rows, 2m, block_k) key positions of the representative block
         ok = (pos < range_end[:, None, None]) & (child_size > 0)[..., None]
-        flat = key_offset[:, None, None] + pos.clamp(max=keys.shape[0] - 1)
-        flat = torch.where(ok, flat, key_offset[:, None, None])
+        flat = (key_offset[:, None, None] + torch.where(ok, pos, 0)).view(rows, -1)
         if key_ok is not None:
-            ok = ok & key_ok[flat]
-        k_rep = keys[flat.flatten(1)].to(q_rep.dtype)  # (rows, 2m * block_k, D)
-        dots = torch.bmm(q_rep, k_rep.transpose(1, 2)).amax(dim=1).view(rows, -1, block_k)
+            ok = ok & key_ok[flat].view(ok.shape)
+        dots = torch.cat([_max_dots(q_rep[i:i + gather_rows], keys, flat[i:i + gather_rows])
+                          for i in range(0, rows, gather_rows)]).view(rows, -1, block_k)
         score = dots.masked_fill(~ok, float("-inf")).amax(dim=2)  # (rows, 2m)
-        best = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :n_nodes]
-        best = best.sort(dim=1).values  # keep nodes in position order (the tie-break order)
+        best = best_in_order(score, n_nodes)
         active = ((n_nodes << it) < n_blocks)[:, None]
         start = torch.where(active, child_start.gather(1, best), start)
         size = torch.where(active, child_size.gather(1, best), size)
-    return start, size == 1
+    return start.long(), size == 1
 
 
 def search_blocks(q_rep: torch.Tensor, q_ok: torch.Tensor, keys: torch.Tensor,
@@ -84,7 +117,8 @@ def search_blocks(q_rep: torch.Tensor, q_ok: torch.Tensor, keys: torch.Tensor,
             for key positions ``0 <= j < range_end[n]``.
         key_offset: ``(N,)`` long, where row ``n``'s keys start in ``keys``.
         range_end: ``(N,)`` long, the searchable key positions ``[0, range_end)``.
-        max_range: an upper bound of ``range_end`` (a Python int: it fixes the iterations).
+        max_range: an upper bound of ``range_end`` (a Python int: it fixes the iterations;
+            rows needing fewer iterations keep their nodes in the extra ones).
         n_nodes: ``m``, the number of blocks each row selects.
         block_k: keys per block.
         representative: ``"center"`` or ``"first"``.
@@ -96,10 +130,10 @@ def search_blocks(q_rep: torch.Tensor, q_ok: torch.Tensor, keys: torch.Tensor,
     """
     with torch.no_grad():
         rows = q_rep.shape[0]
-        max_blocks = -(-max_range // block_k)
-        chunk = max(1, _CHUNK_ELEMENTS // (2 * n_nodes * block_k * max(q_rep.shape[-1], 1)))
+        iterations = search_iterations(-(-max_range // block_k), n_nodes)
+        chunk = max(1, _CHUNK_NODES // (2 * n_nodes * block_k))
         parts = [_search_chunk(q_rep[i:i + chunk], q_ok[i:i + chunk], keys, key_ok,
-                               key_offset[i:i + chunk], range_end[i:i + chunk], max_blocks,
+                               key_offset[i:i + chunk], range_end[i:i + chunk], iterations,
                                n_nodes, block_k, representative)
                  for i in range(0, rows, chunk)]
         if len(parts) == 1:

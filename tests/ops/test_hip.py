@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import subq
-from subq.ops.hip_mask import search_blocks, search_blocks_loop, search_iterations
+from subq.ops.hip_mask import best_in_order, search_blocks, search_blocks_loop, search_iterations
 
 from ..helpers import random_qkv, rel_rms
 
@@ -39,6 +39,16 @@ def test_vectorised_search_equals_loop_reference(representative, padding, n_node
                                   key_ok=key_ok)
     for row, want in enumerate(expected):
         assert sorted(blocks[row][valid[row]].tolist()) == want, f"row {row}"
+
+
+@pytest.mark.parametrize("n_best", [1, 5, 16, 31])
+def test_best_in_order_is_a_stable_sort_prefix(n_best):
+    """Many ties (small integers and -inf): the kept indices are exactly the first n_best of a
+    stable descending sort, listed in increasing order."""
+    score = torch.randint(-3, 4, (50, 32)).double()
+    score[torch.rand(50, 32) < 0.3] = float("-inf")
+    expected = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :n_best]
+    assert torch.equal(best_in_order(score, n_best), expected.sort(dim=1).values)
 
 
 @pytest.mark.parametrize("representative", ["center", "first"])
