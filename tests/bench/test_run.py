@@ -25,4 +25,8 @@ def test_time_budget_and_failed_smaller_length_skip():
     fast = {"status": "ok", "length": 1000, "fwd_ms": 100.0, "fwd_bwd_ms": 300.0}
     assert budget_reason([fast], 2000, grid, 0.0) is None
     assert "time budget" in budget_reason([fast], 4000, grid, 0.0)
+    # dense is the yardstick of every ratio: never skipped for time, still for memory
+    assert budget_reason([{**fast, "method": "dense"}], 4000, grid, 0.0) is None
+    huge = {**fast, "method": "dense", "mem_fwd_mib": 2.0 ** 20}
+    assert "memory budget" in budget_reason([huge], 4000, grid, 0.0)
     assert "skipped or failed" in budget_reason([{"status": "error", "length": 10}], 20, grid, 0)
