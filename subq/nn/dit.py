@@ -63,9 +63,14 @@ class SoftmaxAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int | None = None,
+                width: int | None = None) -> torch.Tensor:
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        return self.proj(merge_heads(subq.attention(q, k, v, method=self.method)))
+        return self.proj(merge_heads(self.attend(q, k, v)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention core on ``(B, heads, L, head_dim)``; subclasses change only this."""
+        return subq.attention(q, k, v, method=self.method)
 
 
 class DiTBlock(nn.Module):

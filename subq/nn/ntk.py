@@ -22,7 +22,7 @@ from torch import nn
 
 import subq
 
-from .dit import merge_heads, split_heads
+from .dit import SoftmaxAttention
 
 
 class NTKPrefix(nn.Module):
@@ -41,19 +41,15 @@ class NTKPrefix(nn.Module):
                               kz=self.kz.to(q.dtype))
 
 
-class NTKSelfAttention(nn.Module):
-    """Multi-head self attention with an NTK prefix: ``qkv = Linear(D, 3D)``, NTK-Attention,
-    ``proj``. Called as ``attn(x, H, W)`` (the grid is unused) like the DiT attention modules;
-    ``causal`` for language models."""
+class NTKSelfAttention(SoftmaxAttention):
+    """Multi-head self attention with an NTK prefix: DiT's ``qkv = Linear(D, 3D)`` and
+    ``proj`` around NTK-Attention. Called as ``attn(x, H, W)`` (the grid is unused) like the
+    DiT attention modules; ``causal`` for language models."""
 
     def __init__(self, dim: int, heads: int = 6, qkv_bias: bool = True,
                  causal: bool = False) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
-        self.heads, self.causal = heads, causal
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        super().__init__(dim, heads, qkv_bias, method="ntk")
+        self.causal = causal
         self.prefix = NTKPrefix(heads, dim // heads)
 
     @classmethod
@@ -63,7 +59,5 @@ class NTKSelfAttention(nn.Module):
         new.qkv, new.proj = attn.qkv, attn.proj
         return new.to(attn.qkv.weight.device)
 
-    def forward(self, x: torch.Tensor, height: int | None = None,
-                width: int | None = None) -> torch.Tensor:
-        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        return self.proj(merge_heads(self.prefix(q, k, v, causal=self.causal)))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.prefix(q, k, v, causal=self.causal)

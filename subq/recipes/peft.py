@@ -22,7 +22,8 @@ def add_ntk_attention(model: nn.Module, targets: tuple[type, ...] = (SoftmaxAtte
     for param in model.parameters():
         param.requires_grad_(False)
     swaps = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if isinstance(child, targets)]
+             for name, child in parent.named_children()
+             if isinstance(child, targets) and not isinstance(child, NTKSelfAttention)]
     if not swaps:
         raise ValueError(f"model has no attention module of type {targets} to patch")
     prefixes = []
