@@ -51,7 +51,8 @@ from .common import accumulation_dtype
 ScanResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 _CHUNK = 32  # tokens per chunk (T): the in-chunk loop runs T steps, the carry L / T
-_BLOCK = 256  # tokens per block (a multiple of _CHUNK): the states held at once
+_BLOCK = 256  # tokens per tile (a multiple of _CHUNK)
+_TILE = 1 << 20  # about this many (token, N, D) state entries per tile buffer (4 MiB float32)
 
 
 def _check(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -110,11 +111,32 @@ def _per_channel(x: torch.Tensor, channels: int, time_dim: bool, acc: torch.dtyp
 
 def _discretise_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None,
                       delta_softplus: bool, acc: torch.dtype) -> torch.Tensor:
+    """``softplus(delta + delta_bias)`` (each part optional); ``delta`` has channels last."""
     delta = delta.to(acc)
     if delta_bias is not None:
-        bias = delta_bias.to(acc)
-        delta = delta + (bias[:, None] if delta.dim() == 3 else bias)
+        delta = delta + delta_bias.to(acc)
     return F.softplus(delta) if delta_softplus else delta
+
+
+def _swap_last(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(B, X, Y)`` -> contiguous ``(B, Y, X)`` in ``dtype``: free when ``x`` is already a
+    transposed view of such a tensor (as in the Mamba mixer); otherwise one 2-D copy per batch
+    row, which takes torch's cache-blocked transpose (a 3-D transposing copy reads with a
+    stride of a whole row per element and runs several times slower)."""
+    dtype = dtype or x.dtype
+    if x.transpose(1, 2).is_contiguous():
+        return x.transpose(1, 2).to(dtype)
+    x = x.contiguous()
+    out = x.new_empty(x.shape[0], x.shape[2], x.shape[1], dtype=dtype)
+    for row in range(x.shape[0]):
+        out[row].copy_(x[row].T)
+    return out
+
+
+def _layout_like(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Time-major ``y (B, L, D)`` as ``(B, D, L)`` stored like ``u`` (so that the elementwise
+    tail reads both with the same strides)."""
+    return y.transpose(1, 2) if u.transpose(1, 2).is_contiguous() else _swap_last(y)
 
 
 def _output(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
@@ -247,11 +269,6 @@ def _chunked(x: torch.Tensor, chunk: int) -> torch.Tensor:
     return x.unflatten(1, (x.shape[1] // chunk, chunk))
 
 
-def _tslice(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Tokens ``start:stop`` of a time-major ``(B|1, L|1, G, N)`` tensor (``L = 1``: constant)."""
-    return x if x.shape[1] == 1 else x[:, start:stop]
-
-
 def _per_group(h: torch.Tensor, groups: int) -> torch.Tensor:
     """States ``(B, S, N, D)`` as ``(B, S, G, N, D / G)`` (a view; contiguous for G = 1)."""
     return h[:, :, None] if groups == 1 else h.unflatten(3, (groups, -1)).transpose(2, 3)
@@ -263,10 +280,14 @@ def _sum_n(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.matmul(c[..., None, :], _per_group(h, c.shape[2])).flatten(2)
 
 
-def _sum_d(w: torch.Tensor, h: torch.Tensor, groups: int) -> torch.Tensor:
+def _sum_d(w: torch.Tensor, h: torch.Tensor, groups: int, scratch: torch.Tensor
+           ) -> torch.Tensor:
     """``sum_{d in group g} w[b, s, d] h[b, s, n, d]``: ``w (B, S, D)``, ``h (B, S, N, D)``
-    -> ``(B, S, G, N)``."""
-    return torch.matmul(_per_group(h, groups), w.unflatten(2, (groups, -1))[..., None])[..., 0]
+    -> ``(B, S, G, N)``; ``scratch`` is a buffer of ``h``'s shape (a product and a reduction
+    over the contiguous last dim beat a batched matrix-vector product several times)."""
+    product = _per_group(scratch, groups)
+    torch.mul(_per_group(h, groups), w.unflatten(2, (groups, -1))[:, :, :, None], out=product)
+    return product.sum(-1)
 
 
 def _outer(c: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
@@ -277,91 +298,122 @@ def _outer(c: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
               out=out.unflatten(3, (groups, -1)))
 
 
-def _sum_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over the leading dims where ``like`` has size 1 (broadcast, not stored)."""
-    dims = [i for i in range(2) if like.shape[i] == 1 and x.shape[i] != 1]
-    return x.sum(dims, keepdim=True) if dims else x
-
-
-def _block_terms(delta: torch.Tensor, u: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor,
-                 start: int, decay: torch.Tensor, drive: torch.Tensor) -> None:
-    """Write the decays ``exp(delta_t A)`` and drives ``delta_t B_t u_t`` ``(B, S, N, D)`` of
-    the ``S`` tokens from ``start`` into ``decay`` and ``drive``; ``A`` is ``(N, D)``."""
-    stop = start + decay.shape[1]
-    dl, ub = _time_major(delta, start, stop), _time_major(u, start, stop)
-    torch.mul(dl[:, :, None], A, out=decay).exp_()
-    _outer(_tslice(Bm, start, stop), dl * ub, out=drive)
-
-
-def _time_major(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Tokens ``start:stop`` of ``x (B, D, L)`` as a contiguous ``(B, S, D)``."""
-    return x[:, :, start:stop].transpose(1, 2).contiguous()
-
-
 def _blocks(length: int) -> list[tuple[int, int]]:
     return [(start, min(start + _BLOCK, length)) for start in range(0, length, _BLOCK)]
 
 
+def _batch_slices(batch: int, tokens: int, state: tuple[int, ...]) -> list[slice]:
+    """Batch rows per tile, so that a tile's ``(b, tokens, N, D)`` buffers hold about
+    ``_TILE`` entries (stay cache-resident and reused, never fresh pages)."""
+    rows = max(1, _TILE // (tokens * state[0] * state[1]))
+    return [slice(start, min(start + rows, batch)) for start in range(0, batch, rows)]
+
+
+def _accumulate(grad: torch.Tensor, block: torch.Tensor, full: torch.Tensor, rows: slice,
+                start: int, stop: int) -> None:
+    """Add a tile's gradient ``(b, S, G, N)`` of B or C into ``grad`` (``full``'s shape
+    ``(B|1, L|1, G, N)``): summed over the dims ``full`` broadcasts."""
+    if full.shape[1] == 1:
+        block = block.sum(1, keepdim=True)
+    else:
+        grad = grad[:, start:stop]
+    if full.shape[0] == 1:
+        grad += block.sum(0, keepdim=True)
+    else:
+        grad[rows] += block
+
+
+def _tile_terms(delta: torch.Tensor, u: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor,
+                rows: slice, start: int, decay: torch.Tensor, drive: torch.Tensor) -> None:
+    """Write the decays ``exp(delta_t A)`` and drives ``delta_t B_t u_t`` ``(b, S, N, D)`` of
+    batch ``rows`` and tokens ``start:start + S`` into ``decay`` and ``drive``."""
+    stop = start + decay.shape[1]
+    dl = delta[rows, start:stop]
+    torch.mul(dl[:, :, None], A, out=decay).exp_()
+    _outer(_tile(Bm, rows, start, stop), dl * u[rows, start:stop], out=drive)
+
+
+def _tile(x: torch.Tensor, rows: slice, start: int, stop: int) -> torch.Tensor:
+    """Batch ``rows`` and tokens ``start:stop`` of a ``(B|1, L|1, G, N)`` tensor (size-1 dims
+    broadcast)."""
+    x = x if x.shape[0] == 1 else x[rows]
+    return x if x.shape[1] == 1 else x[:, start:stop]
+
+
+def _tiles(batch: int, length: int, state: tuple[int, ...]):
+    """``(rows, start, stop)`` of every tile, batch slices outer, token blocks inner."""
+    tokens = min(_BLOCK, length)
+    return [(rows, start, stop) for rows in _batch_slices(batch, tokens, state)
+            for start, stop in _blocks(length)]
+
+
 class _SelectiveScan(torch.autograd.Function):
-    """``y (B, D, L) = sum_n C_t h_t`` and the last state, with time-major states ``(B, L, N,
-    D)``: ``delta, u (B, D, L)`` (L a multiple of ``_CHUNK``), ``A (N, D)``, ``B, C (B|1, L|1,
-    G, N)``, ``h0 (B, N, D)``. Inputs and outputs are transposed block by block."""
+    """``y (B, L, D) = sum_n C_t h_t`` and the last state ``(B, N, D)``, all time-major:
+    ``delta, u (B, L, D)`` (L a multiple of ``_CHUNK``), ``A (N, D)``, ``B, C (B|1, L|1, G,
+    N)``, ``h0 (B, N, D)``. Runs tile by tile (batch rows x token blocks), the state carried
+    across a row's blocks; each tile's ``(b, S, N, D)`` terms live in reused buffers."""
 
     @staticmethod
     def forward(ctx, delta, u, A, Bm, Cm, h0):
-        chunk, shape = _CHUNK, (*delta.shape[:1], min(_BLOCK, delta.shape[2]), *A.shape)
+        batch, length = delta.shape[:2]
+        chunk, tiles = _CHUNK, _tiles(batch, length, A.shape)
+        shape = (tiles[0][0].stop - tiles[0][0].start, tiles[0][2] - tiles[0][1], *A.shape)
         decay_buf, drive_buf = delta.new_empty(shape), delta.new_empty(shape)
         y = torch.empty_like(delta)
-        entries, h = [], h0
-        for start, stop in _blocks(delta.shape[2]):
-            decay, drive = decay_buf[:, :stop - start], drive_buf[:, :stop - start]
-            _block_terms(delta, u, A, Bm, start, decay, drive)
-            block_entries, h = _scan_chunks(_chunked(decay, chunk), _chunked(drive, chunk), h)
-            entries.append(block_entries)
-            y[:, :, start:stop] = _sum_n(drive, _tslice(Cm, start, stop)).transpose(1, 2)
-        ctx.save_for_backward(delta, u, A, Bm, Cm, torch.cat(entries, dim=1))
-        return y, h
+        entries = delta.new_empty(batch, length // chunk, *A.shape)
+        last = torch.empty_like(h0)
+        for rows, start, stop in tiles:
+            size = (rows.stop - rows.start, stop - start)
+            decay, drive = decay_buf[:size[0], :size[1]], drive_buf[:size[0], :size[1]]
+            h = h0[rows] if start == 0 else last[rows]
+            _tile_terms(delta, u, A, Bm, rows, start, decay, drive)
+            tile_entries, last[rows] = _scan_chunks(_chunked(decay, chunk),
+                                                    _chunked(drive, chunk), h)
+            entries[rows, start // chunk:stop // chunk] = tile_entries
+            y[rows, start:stop] = _sum_n(drive, _tile(Cm, rows, start, stop))
+        ctx.save_for_backward(delta, u, A, Bm, Cm, entries)
+        return y, last
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh_last):
         delta, u, A, Bm, Cm, entries = ctx.saved_tensors
-        chunk, shape = _CHUNK, (*delta.shape[:1], min(_BLOCK, delta.shape[2]), *A.shape)
+        batch, length = delta.shape[:2]
+        chunk, tiles = _CHUNK, _tiles(batch, length, A.shape)
+        shape = (tiles[0][0].stop - tiles[0][0].start, tiles[0][2] - tiles[0][1], *A.shape)
         decay_buf, g_buf, rcum_buf = (delta.new_empty(shape) for _ in range(3))
         buf = delta.new_empty(shape[0], shape[1] + 1, *shape[2:])
         ddelta, du = torch.empty_like(delta), torch.empty_like(u)
         dA, dB, dC = torch.zeros_like(A), torch.zeros_like(Bm), torch.zeros_like(Cm)
-        r = dh_last
-        for start, stop in reversed(_blocks(delta.shape[2])):
-            size, first = stop - start, start // chunk
-            dl, ub = _time_major(delta, start, stop), _time_major(u, start, stop)
-            dyb = _time_major(dy, start, stop)
-            Bb, Cb = _tslice(Bm, start, stop), _tslice(Cm, start, stop)
-            decay, g = decay_buf[:, :size], g_buf[:, :size]
+        dh0 = torch.empty_like(dh_last)
+        for rows, start, stop in reversed(tiles):
+            size, first = (rows.stop - rows.start, stop - start), start // chunk
+            r = dh_last[rows] if stop == length else dh0[rows]
+            dl, ub, dyb = delta[rows, start:stop], u[rows, start:stop], dy[rows, start:stop]
+            Bb, Cb = _tile(Bm, rows, start, stop), _tile(Cm, rows, start, stop)
+            decay, g = decay_buf[:size[0], :size[1]], g_buf[:size[0], :size[1]]
             # States, recomputed from the saved chunk entry states: buf[:, s + 1] = h_s.
-            states, previous = buf[:, 1:size + 1], buf[:, :size]
-            _block_terms(delta, u, A, Bm, start, decay, states)
+            states = buf[:size[0], 1:size[1] + 1]
+            previous = buf[:size[0], :size[1]]
+            _tile_terms(delta, u, A, Bm, rows, start, decay, states)
             a, h = _chunked(decay, chunk), _chunked(states, chunk)
-            buf[:, 0] = entries[:, first]
-            h[:, :, 0].addcmul_(a[:, :, 0], entries[:, first:first + h.shape[1]])
+            tile_entries = entries[rows, first:first + h.shape[1]]
+            buf[:size[0], 0] = tile_entries[:, 0]
+            h[:, :, 0].addcmul_(a[:, :, 0], tile_entries)
             for t in range(1, chunk):
                 h[:, :, t].addcmul_(a[:, :, t], h[:, :, t - 1])
-            dC_block = _sum_d(dyb, states, Cm.shape[2])
+            dC_tile = _sum_d(dyb, states, Cm.shape[2], scratch=g)
             _outer(Cb, dyb, out=g)
-            r = _adjoint_chunks(a, _chunked(g, chunk), r, _chunked(rcum_buf[:, :size], chunk))
+            rcum = rcum_buf[:size[0], :size[1]]
+            dh0[rows] = _adjoint_chunks(a, _chunked(g, chunk), r, _chunked(rcum, chunk))
             gB = _sum_n(g, Bb)
-            dB_block = _sum_d(dl * ub, g, Bm.shape[2])
-            for grad, block, full in ((dB, dB_block, Bm), (dC, dC_block, Cm)):
-                if full.shape[1] == 1:
-                    grad += _sum_to(block.sum(1, keepdim=True), full)
-                else:
-                    grad[:, start:stop] = _sum_to(block, full)
+            _accumulate(dB, _sum_d(dl * ub, g, Bm.shape[2], scratch=rcum), Bm, rows, start, stop)
+            _accumulate(dC, dC_tile, Cm, rows, start, stop)
             dlog_decay = g.mul_(decay).mul_(previous)  # d loss / d (delta_t A)
-            dA += (dlog_decay * dl[:, :, None]).sum((0, 1))
-            ddelta[:, :, start:stop] = (torch.einsum("bsnd,nd->bsd", dlog_decay, A)
-                                        + ub * gB).transpose(1, 2)
-            du[:, :, start:stop] = (dl * gB).transpose(1, 2)
-        return ddelta, du, dA, dB, dC, r
+            ddelta[rows, start:stop] = torch.mul(dlog_decay, A, out=rcum).sum(2) + ub * gB
+            dA += dlog_decay.mul_(dl[:, :, None]).sum((0, 1))
+            du[rows, start:stop] = dl * gB
+        return ddelta, du, dA, dB, dC, dh0
 
 
 class _LinearRecurrence(torch.autograd.Function):
@@ -471,10 +523,11 @@ def selective_scan(
         out = u.new_zeros(u.shape)
         return (out, state0) if return_last_state else out
     padded = _padded_length(length)
-    delta_p = _pad_last(_discretise_delta(delta, delta_bias, delta_softplus, acc), padded)
-    u_p = _pad_last(u.to(acc), padded)
-    y, last = _SelectiveScan.apply(delta_p, u_p, A.to(acc).T.contiguous(),
-                                   _time_major_bc(B, padded, acc), _time_major_bc(C, padded, acc),
+    delta_t = _discretise_delta(_swap_last(delta), delta_bias, delta_softplus, acc)
+    u_t = _swap_last(u, acc)
+    y, last = _SelectiveScan.apply(_pad_time(delta_t, padded), _pad_time(u_t, padded),
+                                   A.to(acc).T.contiguous(), _time_major_bc(B, padded, acc),
+                                   _time_major_bc(C, padded, acc),
                                    state0.transpose(1, 2).contiguous())
-    out = _output(y[..., :length], u, D, z, acc)
+    out = _output(_layout_like(y[:, :length], u), u, D, z, acc)
     return (out, last.transpose(1, 2)) if return_last_state else out

@@ -208,11 +208,13 @@ def test_bad_input_raises(bad, name):
         selective_scan(*args, **kwargs)
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Chunks of 4 and blocks of 8 tokens, so that short inputs cross many of both."""
+@pytest.fixture(params=[1, 288, 1 << 20], ids=["rows1", "rows2", "all-rows"])
+def small_chunks(monkeypatch, request):
+    """Chunks of 4 and blocks of 8 tokens, so that short inputs cross many of both; tiles of
+    1, 2 (for 3 channels x 6 states x 8 tokens) or all batch rows."""
     monkeypatch.setattr(scan_module, "_CHUNK", 4)
     monkeypatch.setattr(scan_module, "_BLOCK", 8)
+    monkeypatch.setattr(scan_module, "_TILE", request.param)
 
 
 @pytest.mark.parametrize("layout", BC_LAYOUTS)
@@ -220,7 +222,7 @@ def small_chunks(monkeypatch):
 def test_many_chunks_and_blocks_values_and_gradients(small_chunks, layout, length):
     """Carries across chunks and blocks, padding of a partial chunk, and the custom backward
     (which recomputes states per block and runs the adjoint scan) == the reference loop."""
-    args, kwargs = _inputs(n=3, length=length, layout=layout)
+    args, kwargs = _inputs(batch=3, n=3, length=length, layout=layout)
     tensors = args + [kwargs["D"], kwargs["z"], kwargs["delta_bias"], kwargs["initial_state"]]
     for x in tensors:
         x.requires_grad_(True)
