@@ -1,6 +1,7 @@
 """Fast paths of Combiner [combiner] (Ren et al., NeurIPS 2021): sub-quadratic, never an L x L
 tensor. Each variant builds, per query, a few groups of logits (direct keys and region
-summaries), takes ONE joint masked softmax over all groups, and mixes the direct values with
+summaries), takes ONE joint masked softmax over all groups (Fixed, Axial: each group's softmax
+apart, merged exactly by the groups' log-sum-exps), and mixes the direct values with
 the region "local expectations" ``sum_{j in Omega} p(j|Omega) v_j``, each computed once per
 region and shared by every query that sees it.
 
@@ -18,12 +19,10 @@ import torch.nn.functional as F
 from .common import masked_softmax
 
 # einsum forms that mix a probability group with its values on an (n, m) grid:
-# "row": key (r, e) of the query's own grid row; "col": key (s, c) of the query's grid column;
-# "span": one summary per row s of the grid (Fixed's spans).
+# "row": key (r, e) of the query's own grid row; "col": key (s, c) of the query's grid column.
 _MIX = {
     "row": "bhrce,bhred->bhrcd",
     "col": "bhrcs,bhscd->bhrcd",
-    "span": "bhrcs,bhsd->bhrcd",
 }
 
 
@@ -104,30 +103,122 @@ def _ungrid(out: torch.Tensor, length: int) -> torch.Tensor:
     return out.reshape(b, h, rows * cols, d)[:, :, :length]
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+            fused: bool, bias: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(scale q k^T + bias) v`` and its log-sum-exp for ``(Z, G, Lq, d)`` inputs:
+    ``(Z, G, Lq, dv)``, ``(Z, G, Lq)``. ``causal``: key j only for query i >= j (top-left
+    aligned when Lq != Lk); ``bias``: additive ``(Lq, Lk)`` mask of 0 / -inf. Every row must
+    keep a key. ``fused``: torch's CPU flash kernel (no L x L tensor; its log-sum-exp carries
+    no gradient, so only without autograd), otherwise the explicit softmax."""
+    if fused:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        keep = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if bias is not None:
+        logits = logits + bias
+    lse = torch.logsumexp(logits, dim=-1)
+    return torch.matmul(torch.exp(logits - lse[..., None]), v), lse
+
+
+def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`_attend` may use the flash kernel: CPU, equal head and value dims, and
+    no gradient to carry."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                              or v.requires_grad)
+    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and not needs_grad
+
+
+def _rows(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, length: int, causal: bool,
+          scale: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every cell of the ``(Z, n, m, d)`` grid to the real tokens of its own row
+    (causal: columns ``<= c``); a short last row is attended over its real cells only."""
+    n, m = qg.shape[1:3]
+    full = length // m
+    if full == n:
+        return _attend(qg, kg, vg, scale, causal, fused)
+    last = length - full * m
+    head = _attend(qg[:, :full], kg[:, :full], vg[:, :full], scale, causal, fused)
+    tail = _attend(qg[:, full:], kg[:, full:, :last], vg[:, full:, :last], scale, causal, fused)
+    return torch.cat([head[0], tail[0]], dim=1), torch.cat([head[1], tail[1]], dim=1)
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor, slice]], fused: bool) -> torch.Tensor:
+    """Joint softmax over disjoint logit groups from each group's own softmax: ``parts`` are
+    ``(out (Z, n', m, dv), lse (Z, n', m), rows)`` over grid rows ``rows`` of ``(Z, n, m)``,
+    the first over every row. ``out = sum_g exp(lse_g - logsumexp_g lse_g) out_g`` (exact)."""
+    n = parts[0][1].shape[1]
+    lses = []
+    for _, lse, rows in parts:
+        start, stop, _ = rows.indices(n)
+        lses.append(F.pad(lse, (0, 0, start, n - stop), value=float("-inf")))
+    total = torch.stack(lses).logsumexp(dim=0)
+    weights = [torch.exp(lse - total)[..., None] for lse in lses]
+    first = parts[0][0]
+    out = first.mul_(weights[0]) if fused else first * weights[0]
+    for (part, _, rows), weight in zip(parts[1:], weights[1:], strict=True):
+        out[:, rows].addcmul_(part, weight[:, rows])
+    return out
+
+
+def _span_pool(xg: torch.Tensor, ok: torch.Tensor, summary: str, ragged: bool) -> torch.Tensor:
+    """Pool the grid ``(Z, n, s, d)`` over each row's real cells ``ok (n, s)`` -> ``(Z, n, d)``
+    (``ragged``: the last row has padding cells). Padding cells copy the last real token, so a
+    max over the whole row is already the max over the real ones."""
+    if summary == "max":
+        return xg.amax(dim=-2)
+    if not ragged:
+        return xg.mean(dim=-2)
+    return _block_pool(xg, ok, summary)
+
+
+def _heads_grid(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(B, H, L, d) -> (B * H, rows, cols, d) grid (see :func:`_grid`)."""
+    b, h, _, d = x.shape
+    return _grid(x, rows, cols).reshape(b * h, rows, cols, d)
+
+
+def _from_heads_grid(out: torch.Tensor, b: int, length: int) -> torch.Tensor:
+    z, rows, cols, d = out.shape
+    return out.reshape(b, z // b, rows * cols, d)[:, :, :length]
+
+
 def fixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
           span: int, summary: str) -> torch.Tensor:
     """Combiner-Fixed: direct = own span (causal: ``j <= i``); regions = the other spans
-    (causal: the earlier ones). Span a's queries score one key set, its own s keys followed
-    by the n span summaries, so the joint softmax is a plain softmax. O(L (s + L/s))."""
+    (causal: the earlier ones), key = pooled span keys, value = the span's expectation under
+    its pooled query. The direct and region softmaxes are taken apart and merged exactly by
+    their log-sum-exps. O(L (s + L/s))."""
     length = q.shape[2]
     s = min(span, length)
     n = -(-length // s)
-    qs, ks, vs = (_grid(x, n, s) for x in (q * scale, k, v))
+    fused = _fused(q, k, v)
+    qg, kg, vg = (_heads_grid(x, n, s) for x in (q, k, v))
+    z, dv = qg.shape[0], vg.shape[-1]
+    direct = _rows(qg, kg, vg, length, causal, scale, fused)
+    if n == 1:
+        return _from_heads_grid(direct[0], q.shape[0], length)
     ok = _valid(length, n, s, q.device)
-    span_q, span_k = _block_pool(qs, ok, summary), _block_pool(ks, ok, summary)
-    inner = masked_softmax(torch.einsum("bhnd,bhnjd->bhnj", span_q, ks), ok)
-    span_v = torch.einsum("bhnj,bhnjd->bhnd", inner, vs)
-    b, h = q.shape[:2]
-    keys = torch.cat([ks, span_k[:, :, None].expand(b, h, n, n, k.shape[-1])], dim=3)
-    values = torch.cat([vs, span_v[:, :, None].expand(b, h, n, n, v.shape[-1])], dim=3)
-    i = torch.arange(s, device=q.device)
-    direct_ok = ok[:, None, :] & ((i[None, :] <= i[:, None]) if causal else True)
-    r = torch.arange(n, device=q.device)
-    region_ok = (r[None, :] < r[:, None]) if causal else (r[None, :] != r[:, None])
-    allowed = torch.cat([direct_ok.expand(n, s, s), region_ok[:, None, :].expand(n, s, n)], -1)
-    logits = torch.einsum("bhnid,bhnjd->bhnij", qs, keys).masked_fill_(~allowed, float("-inf"))
-    out = torch.einsum("bhnij,bhnjd->bhnid", torch.softmax(logits, dim=-1), values)
-    return _ungrid(out, length)
+    span_q, span_k = (_span_pool(x, ok, summary, length < n * s) for x in (qg, kg))
+    inner = masked_softmax(torch.einsum("znd,znjd->znj", span_q, kg) * scale, ok)
+    span_v = torch.einsum("znj,znjd->znd", inner, vg)
+    a = torch.arange(n, device=q.device)
+    if causal:
+        # Spans 1.. (queries) against summaries 0..n-2: span a sees summary b < a.
+        sees, first = a[None, :-1] < a[1:, None], 1
+        span_k, span_v = span_k[:, :-1], span_v[:, :-1]
+    else:
+        sees, first = a[None, :] != a[:, None], 0
+    bias = torch.zeros(sees.shape, dtype=q.dtype, device=q.device).masked_fill_(
+        ~sees, float("-inf")).repeat_interleave(s, dim=0)
+    queries = qg[:, first:].reshape(z, 1, (n - first) * s, -1)
+    out, lse = _attend(queries, span_k[:, None], span_v[:, None], scale, False, fused, bias)
+    region = (out.view(z, n - first, s, dv), lse.view(z, n - first, s), slice(first, None))
+    return _from_heads_grid(_merge([(*direct, slice(None)), region], fused), q.shape[0],
+                            length)
 
 
 def axial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
@@ -135,22 +226,31 @@ def axial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale
     """Combiner-Axial (row-major, row summary ``none``): direct = own row (causal: columns
     ``<= c``); region (r', c) for every other row r' (causal: r' < r) has key ``k[r', c]`` and
     value the full row attention output at ``(r', c)``; a missing cell of a short last row
-    stands for that row through its last token. O(L (m + L/m))."""
+    stands for that row through its last token. Row, column-above and column-below softmaxes
+    are taken apart (the column ones on transposed views of the grid) and merged exactly by
+    their log-sum-exps. O(L (m + L/m))."""
     length = q.shape[2]
     m = min(span, length)
     n = -(-length // m)
-    qr, kr, vr = (_grid(x, n, m) for x in (q * scale, k, v))
-    ok = _valid(length, n, m, q.device)
-    row_logits = torch.einsum("bhrcd,bhred->bhrce", qr, kr)
-    row_out = torch.einsum("bhrce,bhred->bhrcd", masked_softmax(row_logits, ok[:, None, :]), vr)
-    c = torch.arange(m, device=q.device)
-    r = torch.arange(n, device=q.device)
-    direct_ok = ok[:, None, :] & ((c[None, :] <= c[:, None]) if causal else True)
-    other_rows = (r[None, :] < r[:, None]) if causal else (r[None, :] != r[:, None])
-    return _ungrid(_joint([
-        (row_logits, direct_ok, vr, "row"),
-        (torch.einsum("bhrcd,bhscd->bhrcs", qr, kr), other_rows[:, None, :], row_out, "col"),
-    ]), length)
+    fused = _fused(q, k, v)
+    qg, kg, vg = (_heads_grid(x, n, m) for x in (q, k, v))
+    row_out, row_lse = _rows(qg, kg, vg, length, False, scale, fused)
+    direct = _rows(qg, kg, vg, length, True, scale, fused) if causal else (row_out, row_lse)
+    parts = [(*direct, slice(None))]
+    if n > 1:
+        qc, kc, rc = (x.transpose(1, 2) for x in (qg, kg, row_out))
+        # Rows 1.. see rows above: query row r against key rows 0..n-2, key row r' < r.
+        out, lse = _attend(qc[:, :, 1:], kc[:, :, :-1], rc[:, :, :-1], scale, True, fused)
+        parts.append((out.transpose(1, 2), lse.transpose(1, 2), slice(1, None)))
+        if not causal:
+            # Rows ..n-2 see rows below: query row r against key rows 1.., key row r' > r.
+            r = torch.arange(n - 1, device=q.device)
+            bias = torch.zeros(n - 1, n - 1, dtype=q.dtype, device=q.device).masked_fill_(
+                r[None, :] < r[:, None], float("-inf"))
+            out, lse = _attend(qc[:, :, :-1], kc[:, :, 1:], rc[:, :, 1:], scale, False, fused,
+                               bias)
+            parts.append((out.transpose(1, 2), lse.transpose(1, 2), slice(None, -1)))
+    return _from_heads_grid(_merge(parts, fused), q.shape[0], length)
 
 
 def mixture(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
@@ -197,40 +297,73 @@ def mixture(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     return _ungrid(_joint(groups), length)
 
 
+def _pair_pool(x: torch.Tensor, count: torch.Tensor, summary: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level up the dyadic tree: pool ``(Z, n, d)`` block summaries pairwise to
+    ``(Z, n / 2, d)``; ``count (n,)`` real tokens per block. Max: empty blocks hold -inf;
+    mean: ``x`` holds sums."""
+    z, n, d = x.shape
+    pairs = x.view(z, n // 2, 2, d)
+    pooled = pairs.amax(dim=2) if summary == "max" else pairs.sum(dim=2)
+    return pooled, count.view(n // 2, 2).sum(-1)
+
+
+def _finish_pool(x: torch.Tensor, count: torch.Tensor, summary: str) -> torch.Tensor:
+    """Block summaries from :func:`_pair_pool`'s running values; empty blocks give 0."""
+    if summary == "max":
+        return torch.where(count[:, None] > 0, x, 0.0)
+    return x / count.clamp(min=1)[:, None]
+
+
 def logsparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
               summary: str) -> torch.Tensor:
     """Combiner-Logsparse: direct = {i}; at every level l the sibling ``(i >> l) ^ 1`` of the
     aligned dyadic block of size ``2**l`` holding i is one region (causal: only left siblings,
-    which tile ``[0, i)``). ``ceil(log2 L)`` regions per query, O(L log L)."""
-    b, h, length, _ = q.shape
+    which tile ``[0, i)``). ``ceil(log2 L)`` regions per query, O(L log L). Block summaries are
+    pooled pairwise up the tree; every per-level product is a batched matrix-vector product
+    on a view of q, k or v, and the values are mixed in place, so no per-level copy of the
+    sequence is made."""
+    b, h, length, d = q.shape
+    dv = v.shape[-1]
+    z = b * h
     levels = (length - 1).bit_length()
     padded = 1 << levels
-    q, k, v = (F.pad(x, (0, 0, 0, padded - length)) for x in (q * scale, k, v))
+    # Padding copies the last token: a max pool over a block with a real token ignores it.
+    q, k, v = (_grid(x, 1, padded).reshape(z, padded, x.shape[-1]) for x in (q, k, v))
     ok = torch.arange(padded, device=q.device) < length
-    logits = [(q * k).sum(-1)]
+    count = ok.long()
+    pool_q, pool_k = (x if summary == "max" or padded == length
+                      else x.masked_fill(~ok[:, None], 0.0) for x in (q, k))
+    logits = [torch.matmul(q[:, :, None, :], k[:, :, :, None]).view(z, padded) * scale]
     allowed = [torch.ones_like(ok)]
     sibling_values = []
     for level in range(levels):
-        size = 1 << level
-        blocks = padded >> level
-        okl = ok.view(blocks, size)
-        qb, kb, vb = (x.view(b, h, blocks, size, x.shape[-1]) for x in (q, k, v))
-        block_q, block_k = _block_pool(qb, okl, summary), _block_pool(kb, okl, summary)
-        inner = masked_softmax(torch.einsum("bhnd,bhnjd->bhnj", block_q, kb), okl)
-        block_v = torch.einsum("bhnj,bhnjd->bhnd", inner, vb)
-        index = torch.arange(blocks, device=q.device)
-        sibling = index ^ 1
-        seen = okl.any(-1)[sibling]
+        size, blocks = 1 << level, padded >> level
+        if level:
+            pool_q, _ = _pair_pool(pool_q, count, summary)
+            pool_k, count = _pair_pool(pool_k, count, summary)
+            block_q, block_k = (_finish_pool(x, count, summary) for x in (pool_q, pool_k))
+            kb, vb = k.view(z, blocks, size, d), v.view(z, blocks, size, dv)
+            inner = torch.matmul(kb, block_q[..., None]).view(z, blocks, size) * scale
+            inner = masked_softmax(inner, ok.view(blocks, size))
+            block_v = torch.matmul(inner[:, :, None, :], vb).view(z, blocks, dv)
+        else:
+            # Single tokens: the summary is the token, its expectation its value (padding
+            # blocks are never seen).
+            block_k, block_v = k, v
+        sibling = torch.arange(blocks, device=q.device) ^ 1
+        seen = (count > 0)[sibling]
         if causal:
-            seen = seen & (index % 2 == 1)
-        logits.append(torch.einsum("bhnjd,bhnd->bhnj", qb, block_k[:, :, sibling]).reshape(
-            b, h, padded))
+            seen = seen & (sibling < torch.arange(blocks, device=q.device))
+        qb = q.view(z, blocks, size, d)
+        logits.append(torch.matmul(qb, block_k[:, sibling, :, None]).view(z, padded) * scale)
         allowed.append(seen.repeat_interleave(size))
-        sibling_values.append(block_v[:, :, sibling])
+        sibling_values.append(block_v[:, sibling])
     p = masked_softmax(torch.stack(logits, dim=-1), torch.stack(allowed, dim=-1))
     out = p[..., :1] * v
     for level, block_v in enumerate(sibling_values):
         size = 1 << level
-        pl = p[..., level + 1].view(b, h, padded >> level, size, 1)
-        out = out + (pl * block_v[:, :, :, None, :]).reshape(b, h, padded, -1)
-    return out[:, :, :length]
+        blocks = padded >> level
+        out.view(z, blocks, size, dv).addcmul_(p[..., level + 1].view(z, blocks, size, 1),
+                                               block_v[:, :, None, :])
+    return out[:, :length].reshape(b, h, length, dv)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import subq
-from subq.ops.combiner import VARIANTS, default_span
+from subq.ops.combiner import VARIANTS, combiner_attention, default_span
 
 from ..helpers import random_qkv, rel_rms
 
@@ -38,6 +38,30 @@ def test_fast_matches_reference_values_and_grads(variant, causal, length, span, 
     ref_grads = torch.autograd.grad(ref, (q, k, v), cotangent)
     for g_ref, g in zip(ref_grads, grads, strict=True):
         assert rel_rms(g_ref, g) <= 1e-10
+
+
+@pytest.mark.parametrize("variant, causal", CASES)
+@pytest.mark.parametrize("length, span", [(61, 8), (64, 8), (50, None)])
+def test_fast_without_autograd_matches_reference(variant, causal, length, span):
+    """Without autograd (and equal head and value dims) the fast path takes torch's fused
+    kernels and merges the partial softmaxes by their log-sum-exps; still the reference."""
+    q, k, v = random_qkv(lq=length)
+    options = dict(method="combiner", causal=causal, variant=variant, span=span)
+    with torch.no_grad():
+        out = subq.attention(q, k, v, **options)
+    assert rel_rms(subq.reference(q, k, v, **options), out) <= 1e-10
+
+
+@pytest.mark.parametrize("variant", ["fixed", "axial", "logsparse"])
+def test_torch_compile_fullgraph(variant):
+    q, k, v = random_qkv(lq=45, dtype=torch.float32)
+    kwargs = dict(causal=True, cross=False, scale=0.3, key_padding_mask=None,
+                  variant=variant, span=7, summary="max")
+    fn = combiner_attention
+    eager = fn(q, k, v, **kwargs)
+    torch._dynamo.reset()
+    assert rel_rms(eager, torch.compile(fn, fullgraph=True, dynamic=False)(q, k, v, **kwargs)) \
+        <= 1e-5
 
 
 @pytest.mark.parametrize("variant, causal", CASES)
