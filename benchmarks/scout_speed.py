@@ -2,16 +2,20 @@
 
     python benchmarks/scout_speed.py --length 16384 --segment 16 --plot docs/img/scout_decode.png
 
-Prefill: forward time of ``scout`` and of SDPA causal at one length (B=1, H=8, D=64, float32),
-after checking ``scout`` against its reference on a short prefix. Decode: the time of one step
-with a cache built for each context length (SCOUT holds floor(t/S) checkpoints, dense holds t
-keys), the fitted slope of each curve and the cache sizes.
+Prefill: forward time of ``scout`` and of SDPA causal at one length (B=1, H=8, D=64, float32,
+2 threads by default), runs interleaved, after checking ``scout`` against its reference on a
+short prefix. Decode: the time of one step with a cache built for each context length (SCOUT
+holds floor(t/S) checkpoints, dense holds t keys), the fitted slope of each curve and the cache
+sizes. ``--skip-decode`` times the prefill only; ``--cpu-time --threads 1`` counts process CPU
+time instead of wall time, which other jobs on a shared machine disturb far less.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import statistics
+import time
 
 import torch
 
@@ -31,9 +35,13 @@ def main() -> None:
     parser.add_argument("--segment", type=int, default=16)
     parser.add_argument("--contexts", type=int, nargs="+",
                         default=[1024, 2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--plot", default=None, help="write the decode curve to this PNG")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op CPU threads")
+    parser.add_argument("--skip-decode", action="store_true", help="prefill timing only")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the prefill in process CPU seconds (with --threads 1: robust "
+                             "on a machine shared with other jobs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -50,17 +58,30 @@ def main() -> None:
         raise SystemExit(f"scout differs from its reference (rel RMS {err:.2e})")
 
     q, k, v = qkv(args.length)
+    runs = {"scout": functools.partial(subq.attention, q, k, v, method="scout", causal=True,
+                                       segment=s),
+            "dense": functools.partial(subq.attention, q, k, v, method="dense", causal=True)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
-        times = {}
-        for method, opts in (("scout", {"segment": s}), ("dense", {})):
-            def run(method=method, opts=opts):
-                return subq.attention(q, k, v, method=method, causal=True, **opts)
+        for run in runs.values():
             run()
-            times[method] = min(median_ms(run, args.repeats, device))
+        for _ in range(args.repeats):  # interleaved, so that machine load hits both alike
+            for name, run in runs.items():
+                if args.cpu_time:
+                    start = time.process_time()
+                    run()
+                    times[name].append((time.process_time() - start) * 1e3)
+                else:
+                    times[name] += median_ms(run, 1, device)
+    scout_ms, dense_ms = (statistics.median(times[name]) for name in runs)
+    ratio = statistics.median(d / c for c, d in zip(times["scout"], times["dense"], strict=True))
     print(f"device={device} threads={torch.get_num_threads()} L={args.length} S={s} "
           f"B=1 H=8 D=64 float32 (check rel_rms={err:.1e})")
-    print(f"prefill  scout {times['scout']:9.1f} ms   dense SDPA {times['dense']:9.1f} ms   "
-          f"speed-up {times['dense'] / times['scout']:.1f}x")
+    print(f"prefill  scout {scout_ms:9.1f} ms   dense SDPA causal {dense_ms:9.1f} ms   "
+          f"({'CPU' if args.cpu_time else 'wall'}, medians of {args.repeats})   "
+          f"speed-up {ratio:.1f}x (median of paired ratios)")
+    if args.skip_decode:
+        return
 
     curve = []
     for t in args.contexts:

@@ -12,10 +12,12 @@ block a local mixer (sliding-window attention or Mamba) has already folded each 
 its last token, which is why a strided selection suffices (the released code's
 ``key_states[:, :, S-1::S]``).
 
-Fast path: gather the ``floor(L/S)`` checkpoint keys and values once; queries in blocks of
-``_BLOCK`` rows attend, in one fused SDPA call per block, to the checkpoints the block
-can see and to the block's own keys, masked to the diagonal (the self term), all in the same
-softmax. Time O(L (L/S + block) D), memory O(block (L/S + block)): never an L x L tensor.
+Fast path: row ``i = m S + r`` sees exactly the checkpoints ``c < m``, so grouping the rows
+by their offset r inside the segment turns the checkpoint attention into plain causal
+attention of ``n = ceil(L / S)`` queries over ``[self, ckpt_0, ckpt_1, ...]``; the per-row
+self term rides on one extra coordinate of queries, keys and values (see
+:func:`scout_attention`), so each key/value head is one fused causal SDPA call, exact and
+differentiable. Time O(L^2 D / (2 S)), memory O(L D) per head: never an L x L tensor.
 The default ``S = 10`` saves a constant factor; ``segment=None`` picks ``S = round(sqrt(L))``,
 giving O(L^1.5). Decoding keeps only the checkpoints (``floor(t/S)`` keys after t tokens); the
 current token is used as the self term and cached iff it ends a segment.
@@ -26,6 +28,7 @@ Options: ``segment=10`` (None: about sqrt(L); decoding needs a fixed S). Pattern
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +36,10 @@ import torch.nn.functional as F
 
 from ..registry import Mechanism, Option, Pattern
 from . import masks
+from .common import new_empty
 from .reference import masked_attention, masked_weights
 
 DEFAULT_SEGMENT = 10
-_BLOCK = 256
 
 
 def resolve_segment(segment: int | None, length: int) -> int:
@@ -44,50 +47,117 @@ def resolve_segment(segment: int | None, length: int) -> int:
     return max(1, round(math.sqrt(length))) if segment is None else segment
 
 
+def _segment_views(x: torch.Tensor, s: int) -> Iterator[torch.Tensor]:
+    """Views of ``x (B, G, L, C)`` in segment-major order: ``(B, G, S, L // S, C)`` whose
+    ``[:, :, r, m]`` is row ``m S + r``, then the tail ``(B, G, L % S, C)`` if any. Lazy, so
+    that a view is taken after in-place writes through the previous one (autograd)."""
+    whole = x.shape[2] // s
+    yield x[:, :, :whole * s].unflatten(2, (whole, s)).transpose(2, 3)
+    if x.shape[2] > whole * s:
+        yield x[:, :, whole * s:]
+
+
+def _segment_slots(buffer: torch.Tensor, length: int, s: int) -> Iterator[torch.Tensor]:
+    """The parts of ``buffer (B, G, S, n, C)`` that :func:`_segment_views` of a length-L
+    sequence pair with: whole segments, then the first ``L % S`` rows of the last one."""
+    whole = length // s
+    yield buffer[:, :, :, :whole]
+    if length > whole * s:
+        yield buffer[:, :, :length - whole * s, whole]
+
+
+def _shared_keys(k: torch.Tensor, v: torch.Tensor, s: int, n: int, width: int,
+                 hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key/value list ``[self, ckpt_0, ..., ckpt_{n-2}]`` of one head, ``(B, 1, n, width)``
+    and ``(B, 1, n, Dv + 1)``: the self key is ``e_D`` (and 0 in the padding column), its value
+    ``e_Dv``; checkpoints are ``[k_c, 0, pad_c]`` and ``[v_c, 0]``, with ``pad_c`` a very
+    negative number where ``hidden`` (B, n - 1) says checkpoint c is padding, else 0."""
+    batch, dim, dv = k.shape[0], k.shape[-1], v.shape[-1]
+    ka = new_empty(batch, 1, n, width, like=k)
+    va = new_empty(batch, 1, n, dv + 1, like=v)
+    ka[:, :, 0].zero_()
+    ka[:, :, 0, dim] = 1
+    va[:, :, 0].zero_()
+    va[:, :, 0, dv] = 1
+    ka[:, :, 1:, :dim].copy_(k[:, :, s - 1::s][:, :, :n - 1])
+    va[:, :, 1:, :dv].copy_(v[:, :, s - 1::s][:, :, :n - 1])
+    ka[:, :, 1:, dim].zero_()
+    va[:, :, 1:, dv].zero_()
+    if hidden is not None:
+        ka[:, 0, 1:, dim + 1].copy_(hidden.to(k.dtype) * _very_negative(k.dtype))
+    return ka, va
+
+
+def _very_negative(dtype: torch.dtype) -> float:
+    """A finite logit whose exp underflows to 0 next to any real logit, without overflow."""
+    return torch.finfo(dtype).min / 2
+
+
 def scout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     cross: bool = False, scale: float | None = None,
                     key_padding_mask: torch.Tensor | None = None,
                     segment: int | None = DEFAULT_SEGMENT) -> torch.Tensor:
-    """Self + checkpoint attention by gathering the checkpoints (causal self only).
+    """Self + checkpoint attention as one causal SDPA call per key/value head.
 
     ``q (B, Hq, L, D)``, ``k (B, Hkv, L, D)``, ``v (B, Hkv, L, Dv)`` -> ``(B, Hq, L, Dv)``;
     ``key_padding_mask (B, L)`` (True = ignore) hides padded checkpoints and padded selves.
-    Each block of rows is one fused SDPA call over ``[visible checkpoints ‖ the block's own
-    keys]`` with an additive mask: checkpoint ``c`` is visible to row ``i`` iff
-    ``c < floor(i / S)``, and of the block's own keys only the diagonal (the self term).
-    A checkpoint that is row i itself is not visible to i as a checkpoint, so nothing is
-    counted twice.
+
+    Row ``i = m S + r`` sees checkpoints ``c < m``. Regrouping the rows by their offset ``r``
+    gives, per query head, S sequences of ``n = ceil(L / S)`` queries in which query m sees
+    keys ``[self, ckpt_0, ..., ckpt_{m-1}]`` = the first m + 1 of one shared key list: plain
+    causal attention (SDPA ``is_causal``) of ``G S`` query sequences over one key/value head.
+    The self key differs per row, so it enters through one extra coordinate: the query gets
+    ``q_i . k_i``, the shared self key ``e`` and the checkpoints 0 there, so the self logit is
+    exact; the self value is ``e`` (checkpoint values 0 there), so the same column of the
+    output is the self weight ``p_i`` and ``out_i = sdpa_i[:Dv] + p_i v_i``. With padding a
+    second coordinate carries a very negative logit for padded keys (exp underflows to 0), and
+    rows that see no key are set to 0.
     """
     batch, q_heads, length, dim = q.shape
     kv_heads, dv = k.shape[1], v.shape[-1]
     groups = q_heads // kv_heads
     s = resolve_segment(segment, length)
-    ck, cv = k[:, :, s - 1::s], v[:, :, s - 1::s]  # (B, Hkv, n_ckpt, D)
-    # (B, Hq, L, D) -> (B, Hkv, groups, L, D): the heads of a GQA group share keys.
-    q5 = q.view(batch, kv_heads, groups, length, dim)
-    blocks = []
-    for start in range(0, length, _BLOCK):
-        stop = min(start + _BLOCK, length)
-        rows = stop - start
-        visible = (stop - 1) // s  # checkpoints any row of this block can see
-        i = torch.arange(start, stop, device=q.device)[:, None]
-        seen = torch.arange(visible, device=q.device)[None, :] < torch.div(
-            i, s, rounding_mode="floor")
-        own = torch.eye(rows, dtype=torch.bool, device=q.device)
-        allowed = torch.cat([seen, own], dim=1)  # (rows, visible + rows)
+    scale = dim ** -0.5 if scale is None else scale
+    n = -(-length // s)  # segments, the last possibly partial
+    out = new_empty(batch, q_heads, length, dv, like=q)
+    if length == 0:
+        return out
+    width = dim + (1 if key_padding_mask is None else 2)
+    hidden_ckpt = None
+    if key_padding_mask is not None:
+        hidden_ckpt = key_padding_mask[:, s - 1::s][:, :n - 1]  # (B, n - 1)
+        seen = torch.cat([torch.zeros_like(hidden_ckpt[:, :1], dtype=torch.long),
+                          (~hidden_ckpt).long().cumsum(1)], dim=1)  # (B, n) visible ckpts
+        rows = torch.arange(length, device=q.device)
+        empty = key_padding_mask & (seen[:, rows // s] == 0)  # (B, L): sees no key
+    for h in range(kv_heads):
+        heads = slice(h * groups, (h + 1) * groups)
+        logit = torch.linalg.vecdot(q[:, heads], k[:, h:h + 1])  # (B, G, L): q_i . k_i
         if key_padding_mask is not None:
-            pad = torch.cat([key_padding_mask[:, s - 1::s][:, :visible],
-                             key_padding_mask[:, start:stop]], dim=1)
-            allowed = allowed & ~pad[:, None, None, :]  # (B, 1, rows, keys)
-        allowed = torch.cat([allowed] * groups, dim=-2)  # rows ordered (group, row) as qb
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-        bias.masked_fill_(~allowed, float("-inf"))  # an all -inf row outputs 0
-        keys = torch.cat([ck[:, :, :visible], k[:, :, start:stop]], dim=2)
-        values = torch.cat([cv[:, :, :visible], v[:, :, start:stop]], dim=2)
-        qb = q5[:, :, :, start:stop].reshape(batch, kv_heads, groups * rows, dim)
-        out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=bias, scale=scale)
-        blocks.append(out.view(batch, kv_heads, groups, rows, dv))
-    return torch.cat(blocks, dim=3).reshape(batch, q_heads, length, dv)
+            logit = logit.masked_fill(key_padding_mask[:, None], _very_negative(q.dtype))
+        qa = new_empty(batch, groups, s, n, width, like=q)
+        if length % s:
+            qa[:, :, length % s:, n - 1].zero_()  # rows past L: finite, discarded
+        for qi, li, dst in zip(_segment_views(q[:, heads], s),
+                               _segment_views(logit[..., None], s),
+                               _segment_slots(qa, length, s), strict=True):
+            dst[..., :dim].copy_(qi)
+            dst[..., dim:dim + 1].copy_(li)
+        if key_padding_mask is not None:
+            qa[..., dim + 1].fill_(1)
+        ka, va = _shared_keys(k[:, h:h + 1], v[:, h:h + 1], s, n, width, hidden_ckpt)
+        fused = F.scaled_dot_product_attention(
+            qa.view(batch, groups * s, n, width), ka.expand(batch, groups * s, n, width),
+            va.expand(batch, groups * s, n, dv + 1), is_causal=True, scale=scale)
+        fused = fused.view(batch, groups, s, n, dv + 1)
+        for dst, src, vi in zip(_segment_views(out[:, heads], s),
+                                _segment_slots(fused, length, s),
+                                _segment_views(v[:, h:h + 1], s), strict=True):
+            dst.copy_(src[..., :dv])
+            dst.addcmul_(src[..., dv:], vi)
+    if key_padding_mask is not None:
+        out.masked_fill_(empty[:, None, :, None], 0)
+    return out
 
 
 def checkpoint_mask(length: int, segment: int, device: torch.device | str | None = None

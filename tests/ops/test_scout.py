@@ -1,6 +1,7 @@
 """SCOUT's spec tests (specs/scout.md): S = 1 is dense causal attention, row i sees
-floor(i/S) + 1 keys, the fast path equals the checkpoint-mask reference across query blocks,
-and the decode cache holds only the checkpoints."""
+floor(i/S) + 1 keys, the fast path (rows regrouped by their offset in the segment, the self
+term on an extra coordinate) equals the checkpoint-mask reference for whole and partial last
+segments, in values and gradients, and the decode cache holds only the checkpoints."""
 
 from __future__ import annotations
 
@@ -37,19 +38,55 @@ def test_support_is_self_and_earlier_checkpoints(segment):
 
 
 @pytest.mark.parametrize("segment, length", [(3, 600), (16, 777), (256, 700), (700, 600)])
-def test_fast_equals_reference_across_blocks(segment, length):
+def test_fast_equals_reference_with_partial_segments(segment, length):
     q, k, v = random_qkv(batch=1, q_heads=2, kv_heads=1, lq=length, dim=8)
     out = subq.attention(q, k, v, method="scout", causal=True, segment=segment)
     ref = subq.reference(q, k, v, method="scout", causal=True, segment=segment)
     assert rel_rms(ref, out) <= 1e-10
 
 
-def test_key_padding_across_blocks():
+def test_key_padding_hides_checkpoints_and_selves():
     q, k, v = random_qkv(batch=2, q_heads=2, kv_heads=1, lq=530, dim=8)
     mask = torch.rand(2, 530) < 0.4
     out = subq.attention(q, k, v, method="scout", causal=True, segment=5, key_padding_mask=mask)
     ref = subq.reference(q, k, v, method="scout", causal=True, segment=5, key_padding_mask=mask)
     assert torch.isfinite(out).all()
+    assert rel_rms(ref, out) <= 1e-10
+
+
+@pytest.mark.parametrize("segment, length", [(5, 53), (1, 20), (8, 8), (6, 61)])
+def test_gradients_equal_reference(segment, length):
+    q, k, v = random_qkv(batch=2, q_heads=4, kv_heads=2, lq=length, dim=8, value_dim=5,
+                         requires_grad=True)
+    g = torch.randn(2, 4, length, 5, dtype=torch.float64)
+    grads = {}
+    for name in ("attention", "reference"):
+        out = getattr(subq, name)(q, k, v, method="scout", causal=True, segment=segment)
+        grads[name] = torch.autograd.grad(out, (q, k, v), g)
+    for fast, ref in zip(grads["attention"], grads["reference"], strict=True):
+        assert rel_rms(ref, fast) <= 1e-10
+
+
+@pytest.mark.parametrize("self_gain", [40.0, -40.0])
+def test_extreme_self_logits(self_gain):
+    # q_i = +-40 k_i: the self weight is ~1 (or ~0, the checkpoints take all the mass), which
+    # the fast path reads from the extra output column; it must stay exact at both ends.
+    q, k, v = random_qkv(batch=1, q_heads=2, kv_heads=2, lq=90, dim=8)
+    q = self_gain * k + 0.1 * q
+    out = subq.attention(q, k, v, method="scout", causal=True, segment=4)
+    ref = subq.reference(q, k, v, method="scout", causal=True, segment=4)
+    assert rel_rms(ref, out) <= 1e-10
+
+
+def test_padding_before_any_visible_key_outputs_zero():
+    q, k, v = random_qkv(batch=2, q_heads=2, kv_heads=1, lq=40, dim=8)
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[0, :23] = True  # rows 0..22 of batch 0 see only padding (checkpoints 3, 7, ..., 19)
+    out = subq.attention(q, k, v, method="scout", causal=True, segment=4, key_padding_mask=mask)
+    ref = subq.reference(q, k, v, method="scout", causal=True, segment=4,
+                         key_padding_mask=mask)
+    assert torch.equal(out[0, :, :23], torch.zeros_like(out[0, :, :23]))
+    assert not out[0, :, 23:].eq(0).all(-1).any()
     assert rel_rms(ref, out) <= 1e-10
 
 
