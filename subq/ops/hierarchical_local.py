@@ -17,9 +17,10 @@ the layout's token order (``window_first`` by default, ``hilbert`` or ``raster``
 
 The :class:`Layout` builds this token mask (reference, O(N^2)) and, without ever forming it,
 its block map (default 128 query x 64 key blocks, a block active iff any pair in it is
-allowed). The fast path gathers the active key blocks of each query block (query blocks with
-similar counts share one padded batch), applies the in-block token mask and a softmax over the
-gathered keys: time and memory O(N * active keys per query block), never N x N.
+allowed). The fast path runs, per query block, one fused ``scaled_dot_product_attention``
+over its active key blocks (sliced when contiguous, else gathered), with the in-block token
+mask only where some pair is masked: time and memory O(N * active keys per query block),
+never N x N.
 
 Main entry: ``hierarchical_local_attention(q, k, v, layout=Layout.from_image(...))``. The
 registry entry ``hierarchical_local`` takes the layout as scalar options and derives it from
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from ..registry import Mechanism, Option, Pattern
 from . import masks
-from .common import accumulation_dtype, masked_softmax, new_empty
+from .common import accumulation_dtype, new_empty
 from .reference import masked_attention, masked_weights
 from .token_order import ORDERS, grid_order
 
@@ -206,66 +207,83 @@ class Layout:
         return view
 
 
-def _bucket(count: int) -> int:
-    """Round a key-block count up so that query blocks share few padded sizes (<= 25 % pad)."""
-    step = max(1, 1 << max(count.bit_length() - 3, 0))
-    return max(-(-count // step) * step, 1)
-
-
-def _merge_buckets(buckets: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """``(K, query block ids)`` groups: equal buckets together, and a group merged into the
-    next larger one when the padding this costs (in block pairs) is below the fixed cost of
-    one more group (``_GROUP_COST`` block pairs)."""
-    groups: list[tuple[int, torch.Tensor]] = []
-    for size in sorted(set(buckets.tolist())):
-        rows = torch.nonzero(buckets == size).flatten()
-        if groups and groups[-1][1].numel() * (size - groups[-1][0]) <= _GROUP_COST:
-            rows = torch.cat([groups.pop()[1], rows])
-        groups.append((size, rows))
-    return groups
-
-
 @torch.compiler.assume_constant_result
 def _plan(key: tuple) -> tuple:
-    """Per group of query blocks: ``(query block ids (n,), key block ids (n, K) padded with
-    the dummy block n_kb, in-block mask (n, block_q, K * block_k))``. Depends on the layout
-    only, so it is cached (and a constant for ``torch.compile``)."""
+    """The work of a layout as ``(slices, groups)``. ``slices``: ``(r0, r1, j0, j1)`` runs of
+    query rows whose active keys are the contiguous range ``[j0, j1)``, all allowed (one
+    unmasked fused call, no gather). ``groups``: query blocks with equal row and key counts,
+    ``(qpos (n, rows), kpos (n, S), patterns (u, rows, S), pattern (n,))``: query and key
+    positions per block and its in-block token mask as an additive bias (0 allowed, -inf not;
+    equal masks stored once, most blocks share a handful). Depends on the layout only, so it
+    is cached (and a constant for ``torch.compile``)."""
     if key in _PLANS:
         return _PLANS[key]
-    *fields, block_q, block_k, device = key
+    *fields, block_q, block_k, device, dtype = key
     layout = Layout(*fields)
     active = layout.block_map(block_q, block_k, device)
-    n_qb, n_kb = active.shape
     tokens = layout.tokens(device)
     n = layout.length
-    counts = active.sum(dim=1)
-    buckets = torch.tensor([min(_bucket(c), n_kb) for c in counts.tolist()], device=device)
+    offsets = torch.arange(block_k, device=device)
+    slices: list[tuple[int, int, int, int]] = []
+    blocks: dict[tuple[int, int], list] = {}
+    for qb in range(active.shape[0]):
+        qpos = torch.arange(qb * block_q, min((qb + 1) * block_q, n), device=device)
+        kpos = (torch.nonzero(active[qb]).flatten()[:, None] * block_k + offsets).flatten()
+        kpos = kpos[kpos < n]
+        allowed = layout.allowed(tokens, qpos[:, None], kpos[None, :])
+        r0, r1, j0, j1 = int(qpos[0]), int(qpos[-1]) + 1, int(kpos[0]), int(kpos[-1]) + 1
+        if j1 - j0 == kpos.numel() and bool(allowed.all()):
+            if slices and slices[-1][1] == r0 and slices[-1][2:] == (j0, j1):
+                r0 = slices.pop()[0]
+            slices.append((r0, r1, j0, j1))
+        else:
+            blocks.setdefault((qpos.numel(), kpos.numel()), []).append((qpos, kpos, allowed))
     groups = []
-    for size, rows in _merge_buckets(buckets):
-        ranked = torch.argsort((~active[rows]).to(torch.int8), dim=1, stable=True)[:, :size]
-        used = torch.arange(size, device=device)[None, :] < counts[rows][:, None]
-        kids = torch.where(used, ranked, n_kb)
-        qpos = rows[:, None] * block_q + torch.arange(block_q, device=device)
-        kpos = (kids[:, :, None] * block_k + torch.arange(block_k, device=device)).flatten(1)
-        allowed = layout.allowed(tokens, qpos.clamp(max=n - 1)[:, :, None],
-                                 kpos.clamp(max=n - 1)[:, None, :])
-        allowed &= (qpos < n)[:, :, None] & (kpos < n)[:, None, :]
-        groups.append((rows, kids, allowed))
+    for members in blocks.values():
+        patterns, pattern = [], []
+        for _, _, allowed in members:
+            same = next((u for u, a in enumerate(patterns) if torch.equal(a, allowed)), None)
+            pattern.append(len(patterns) if same is None else same)
+            if same is None:
+                patterns.append(allowed)
+        bias = torch.zeros(len(patterns), *allowed.shape, dtype=dtype, device=device)
+        bias.masked_fill_(~torch.stack(patterns), float("-inf"))
+        groups.append((torch.stack([m[0] for m in members]), torch.stack([m[1] for m in members]),
+                       bias, torch.tensor(pattern, device=device)))
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
-    _PLANS[key] = tuple(groups)
+    _PLANS[key] = (tuple(slices), tuple(groups))
     return _PLANS[key]
 
 
-_GROUP_COST = 32
 _PLANS: dict[tuple, tuple] = {}
 _MAX_PLANS = 16
+_CHUNK = 1 << 22  # gathered key elements per fused call: a few MiB, so buffers are recycled
 
 
-def _plan_key(layout: Layout, block_q: int, block_k: int, device: torch.device) -> tuple:
+def _plan_key(layout: Layout, block_q: int, block_k: int, device: torch.device,
+              dtype: torch.dtype) -> tuple:
     return (layout.text, layout.hi_count, layout.hi_width, layout.lo_count, layout.lo_width,
             layout.window, layout.radius, layout.lo_window, layout.lo_radius, layout.reach,
-            layout.order, block_q, block_k, str(device))
+            layout.order, block_q, block_k, str(device), dtype)
+
+
+def _attend(q, k, v, mask, key_ok, heads, scale, gqa):
+    """Fused attention of ``q (c, B*Hq, rows, D)`` over ``k, v (c, B*Hkv, S, D|Dv)`` with
+    ``mask (c, 1, rows, S)`` (additive, or None) and ``key_ok (c, B, S)`` (or None); a query
+    row left with no key outputs 0."""
+    if key_ok is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=gqa)
+    chunk, batch, keys = key_ok.shape
+    allowed = key_ok[:, :, None, None, :].expand(chunk, batch, heads, q.shape[2], keys)
+    allowed = allowed.reshape(chunk, batch * heads, q.shape[2], keys)
+    if mask is not None:
+        allowed = allowed & (mask == 0)
+    seen = allowed.any(dim=-1, keepdim=True)  # rows with no key: attend all, output 0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~seen, scale=scale,
+                                         enable_gqa=gqa)
+    return out * seen
 
 
 def hierarchical_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -275,37 +293,43 @@ def hierarchical_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """Block-sparse attention over a Scale-DiT sequence ``(B, Hq, N, D)`` -> ``(B, Hq, N, Dv)``
     with ``N == layout.length`` (keys and values ``(B, Hkv, N, D|Dv)``, ``Hq % Hkv == 0``).
 
-    Only the active ``block_q x block_k`` blocks of ``layout.block_map`` are computed; the
-    token mask is applied inside them, so the result equals dense masked softmax attention.
+    Only the active ``block_q x block_k`` blocks of ``layout.block_map`` are computed, with
+    fused ``scaled_dot_product_attention`` calls: query rows whose active keys are one fully
+    allowed range attend a slice of it unmasked; the other query blocks are batched by size,
+    their key blocks gathered, the in-block token mask applied as a bias, so the result
+    equals dense masked softmax attention.
     ``key_padding_mask (B, N)``: True marks keys to ignore; a query seeing no key outputs 0.
     """
-    batch, q_heads, n, dim = q.shape
+    batch, heads, n, dim = q.shape
     if layout.length != n or k.shape[2] != n:
         raise ValueError(f"layout describes {layout.length} tokens but q has {n} and k "
                          f"{k.shape[2]}; they must match")
-    kv_heads, dv = k.shape[1], v.shape[-1]
-    groups = q_heads // kv_heads
+    gqa = heads != k.shape[1]
     scale = dim ** -0.5 if scale is None else scale
-    acc = accumulation_dtype(q.dtype)
-    n_qb, n_kb = -(-n // block_q), -(-n // block_k)
-    qb = F.pad(q.to(acc), (0, 0, 0, n_qb * block_q - n)).view(
-        batch, kv_heads, groups, n_qb, block_q, dim)
-    pad_k = (n_kb + 1) * block_k - n  # one extra all-masked block for padding the gathers
-    kb = F.pad(k.to(acc), (0, 0, 0, pad_k)).view(batch, kv_heads, n_kb + 1, block_k, dim)
-    vb = F.pad(v.to(acc), (0, 0, 0, pad_k)).view(batch, kv_heads, n_kb + 1, block_k, dv)
-    key_ok = None
-    if key_padding_mask is not None:
-        key_ok = F.pad(~key_padding_mask, (0, pad_k), value=False).view(batch, n_kb + 1, block_k)
-    out = new_empty(batch, kv_heads, groups, n_qb, block_q, dv, like=q, dtype=acc)
-    for rows, kids, allowed in _plan(_plan_key(layout, block_q, block_k, q.device)):
-        keys = kb[:, :, kids].flatten(3, 4)  # (B, Hkv, n, K * block_k, D)
-        scores = torch.einsum("bhgnqd,bhnkd->bhgnqk", qb[:, :, :, rows], keys) * scale
-        if key_ok is not None:
-            allowed = allowed & key_ok[:, kids].flatten(2, 3)[:, None, None, :, None, :]
-        p = masked_softmax(scores, allowed.expand_as(scores))
-        out[:, :, :, rows] = torch.einsum("bhgnqk,bhnkd->bhgnqd", p, vb[:, :, kids].flatten(3, 4))
-    out = out.view(batch, q_heads, n_qb * block_q, dv)[:, :, :n]
-    return out.to(q.dtype)
+    dtype, acc = q.dtype, accumulation_dtype(q.dtype)
+    # Batch and heads folded into one dim (B*H, N, D): the blocks become the batch dim.
+    qf, kf, vf = (x.to(acc).flatten(0, 1) for x in (q, k, v))
+    key_ok = None if key_padding_mask is None else ~key_padding_mask
+    result = new_empty(qf.shape[0], n, vf.shape[-1], like=qf)
+    slices, groups = _plan(_plan_key(layout, block_q, block_k, q.device, acc))
+    for r0, r1, j0, j1 in slices:
+        ok = None if key_ok is None else key_ok[None, :, j0:j1]
+        result[:, r0:r1] = _attend(qf[None, :, r0:r1], kf[None, :, j0:j1], vf[None, :, j0:j1],
+                                   None, ok, heads, scale, gqa)[0]
+    for qpos, kpos, patterns, pattern in groups:
+        rows, keys = qpos.shape[1], kpos.shape[1]
+        step = max(1, _CHUNK // (kf.shape[0] * keys * dim))
+        for c0 in range(0, qpos.shape[0], step):
+            qi, ki = qpos[c0:c0 + step].flatten(), kpos[c0:c0 + step].flatten()
+            chunk = qi.numel() // rows
+            qc, kc, vc = (x.index_select(1, i).view(x.shape[0], chunk, -1, x.shape[-1])
+                          .transpose(0, 1) for x, i in ((qf, qi), (kf, ki), (vf, ki)))
+            ok = None if key_ok is None else key_ok[:, ki].view(batch, chunk, keys).transpose(0, 1)
+            mask = patterns.index_select(0, pattern[c0:c0 + step])[:, None]
+            out = _attend(qc, kc, vc, mask, ok, heads, scale, gqa)  # (chunk, B*Hq, rows, Dv)
+            result.index_copy_(1, qi, out.transpose(0, 1).reshape(result.shape[0], -1,
+                                                                   result.shape[-1]))
+    return result.view(batch, heads, n, result.shape[-1]).to(dtype)
 
 
 def _layout_of(length: int, text: int, width: int, downsample: int, window: int, radius: int,

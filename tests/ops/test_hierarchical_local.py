@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import subq
+from subq.ops import masks
 from subq.ops.hierarchical_local import Layout, hierarchical_local_attention
 from subq.ops.reference import masked_attention
 
@@ -63,6 +64,21 @@ def test_fast_equals_dense_masked_float32(order, blocks):
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
     # The block map really skips work: some blocks are empty, and those are left out.
     assert not layout.block_map(*blocks).all()
+
+
+def test_fast_path_batches_padding_and_gqa_like_the_reference():
+    """Batch > 1, grouped heads, a value width != head width, key padding (one query's whole
+    neighbourhood padded: its output is 0) through both the sliced and the gathered calls."""
+    layout = _small_layout("window_first")
+    n = layout.length
+    q, k, v = random_qkv(batch=2, q_heads=6, kv_heads=2, lq=n, dim=16, value_dim=8)
+    padding = torch.rand(2, n) < 0.3
+    padding[1] = layout.token_mask()[n - 1]  # everything the last low-res token sees
+    out = hierarchical_local_attention(q, k, v, layout=layout, scale=0.3,
+                                       key_padding_mask=padding, block_q=32, block_k=16)
+    ref = masked_attention(q, k, v, masks.with_key_padding(layout.token_mask(), padding), 0.3)
+    assert rel_rms(ref, out) <= 1e-12
+    assert torch.equal(out[1, :, n - 1], torch.zeros_like(out[1, :, n - 1]))
 
 
 def test_block_map_matches_the_dense_mask_on_generic_layouts():
