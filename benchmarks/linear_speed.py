@@ -10,6 +10,11 @@ D=64, float32:
 
     python benchmarks/linear_speed.py                 # ~3 minutes on 2 busy cores
     python benchmarks/linear_speed.py --length 4096   # quicker
+    python benchmarks/linear_speed.py --threads 1     # the ratios without 2-thread barriers
+
+On an oversubscribed machine every 2-thread op waits at its barrier for a core (observed:
+tens of ms per op under a load of 7 on 2 cores), which punishes the tiled paths' many small
+ops; time SDPA and the mechanisms interleaved and compare ratios.
 """
 
 from __future__ import annotations
@@ -82,8 +87,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--short", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
 
     names = ["dense/noncausal", "linear/noncausal", "performer/noncausal",
              "kernelized_rpe/noncausal", "dense/causal", "linear/causal", "performer/causal",

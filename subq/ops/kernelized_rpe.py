@@ -9,19 +9,26 @@ with ``q, k`` unit-normalised first (NPRF, the default; then ``E[phi(q) . phi(k)
 exp(q^ . k^)`` and ``scale`` is unused, as in the paper) or scaled by ``sqrt(scale)``
 (``normalize=False``: Performer's PRF of ``exp(scale q . k)``). ``C = [c_{j-i}]`` is Toeplitz, so
 ``D1 = C A1`` (rows ``vec(phi(k_j)^T v_j)``) and ``D2 = C A2`` (rows ``phi(k_j)``) are computed by
-FFT (:mod:`subq.ops.toeplitz`) in O(L log L m dv) time and O(L m dv) memory, in float32 (float64
-for float64 inputs) whatever the input dtype. Causal self attention sets ``c_t = 0`` for
-``t > 0``. In causal cross each output row depends on its own query only, so it equals the
-non-causal cross computation. ``bias=None`` means ``b = 0`` and takes the O(L) linear path
-(:func:`subq.ops.linear.normalised_linear_attention`), which the FFT path equals for a zero
-bias. Padding keys drop out of both sums; a query that sees no key outputs 0.
+FFT (:mod:`subq.ops.toeplitz`) in O(L log L m dv) time, in float32 (float64 for float64
+inputs) whatever the input dtype, tile by tile (one head, one feature, up to ``_COLUMNS``
+columns of ``[V, 1]``: memory O(L (m + dv)) beyond the tiles, not O(L m dv)). Causal self
+attention sets ``c_t = 0`` for ``t > 0``. In causal cross each output row depends on its own
+query only, so it equals the non-causal cross computation. ``bias=None`` means ``b = 0`` and
+takes the O(L) linear path (:func:`subq.ops.linear.kernel_attention`), which the FFT path
+equals for a zero bias. Padding keys drop out of both sums; a query that sees no key outputs 0.
+
+2-D RPE for images (non-causal self attention only): a ``bias (Hq | 1, 2H - 1, 2W - 1)`` makes
+the ``L = H W`` tokens a row-major ``H x W`` grid with ``c = exp(b)`` indexed by the 2-D offset
+``(j1 - i1 + H - 1, j2 - i2 + W - 1)``; ``C`` is then Toeplitz-block-Toeplitz and its products
+go through one ``rfft2`` over a ``(2H, 2W)`` circulant embedding.
 
 No ``step``: the FFT needs every position at once; the method speeds up training, not decoding.
 
 Options (defaults): ``num_features=32`` (m), ``feature_map="prf"`` (``trf``: sin/cos features,
 2m of them), ``normalize=True``, ``seed=0`` (draws ``w``), ``projection=None`` (an explicit
 ``w (m, D)``, overriding ``num_features`` and ``seed``), ``bias=None`` (``b``, shape
-``(Hq, Lq + Lk - 1)`` or ``(Lq + Lk - 1,)``, entry ``t + Lq - 1`` for offset ``t = j - i``).
+``(Hq, Lq + Lk - 1)`` or ``(Lq + Lk - 1,)``, entry ``t + Lq - 1`` for offset ``t = j - i``;
+or 2-D, ``(Hq | 1, 2H - 1, 2W - 1)``).
 Patterns: all four.
 """
 
@@ -31,20 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import ALL_PATTERNS, Mechanism, Option
-from .common import accumulation_dtype, repeat_kv
+from .common import accumulation_dtype, new_empty, repeat_kv
 from .feature_maps import RANDOM_MAPS, draw_projection, random_features
-from .linear import divide_or_zero, normalised_linear_attention
-from .toeplitz import (
-    apply_spectrum,
-    causal_diagonals,
-    dense_toeplitz,
-    fft_size,
-    toeplitz_spectrum,
-)
+from .linear import FeatureMap, divide_or_zero, kernel_attention
+from .toeplitz import Circulant, causal_diagonals, dense_toeplitz, dense_toeplitz2d
 
 DEFAULT_FEATURES = 32
-#: Spectrum elements (complex) per block of features: bounds the FFT working set.
-_BLOCK_ELEMENTS = 1 << 24
+#: Toeplitz columns per FFT call: a tile's transforms stay cache-sized.
+_COLUMNS = 65
 
 
 def _projection(projection, num_features, seed, dim, dtype, device) -> torch.Tensor:
@@ -56,27 +57,55 @@ def _projection(projection, num_features, seed, dim, dtype, device) -> torch.Ten
     return projection.to(device=device, dtype=dtype)
 
 
-def _features(q, k, key_padding_mask, *, scale, num_features, feature_map, normalize, seed,
-              projection):
-    """``phi(q) (B, Hq, Lq, F)`` and ``phi(k) (B, Hkv, Lk, F)`` in the accumulation dtype,
-    padding keys zeroed."""
-    acc = accumulation_dtype(q.dtype)
-    q, k = q.to(acc), k.to(acc)
-    if normalize:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    else:
-        q, k = q * scale ** 0.5, k * scale ** 0.5
-    w = _projection(projection, num_features, seed, q.shape[-1], acc, q.device)
-    pq, pk = random_features(q, w, feature_map), random_features(k, w, feature_map)
+def _feature_map(*, dim, dtype, device, scale, num_features, feature_map, normalize, seed,
+                 projection) -> FeatureMap:
+    """``x (..., L, D) -> phi(x) (..., L, F)`` in the accumulation dtype of ``dtype``."""
+    acc = accumulation_dtype(dtype)
+    w = _projection(projection, num_features, seed, dim, acc, device)
+
+    def phi(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(acc)
+        x = F.normalize(x, dim=-1) if normalize else x * scale ** 0.5
+        return random_features(x, w, feature_map)
+
+    return phi
+
+
+def _features(q, k, key_padding_mask, **options):
+    """``phi(q) (B, Hq, Lq, F)`` and ``phi(k) (B, Hkv, Lk, F)``, padding keys zeroed."""
+    phi = _feature_map(dim=q.shape[-1], dtype=q.dtype, device=q.device, **options)
+    pq, pk = phi(q), phi(k)
     if key_padding_mask is not None:
         pk = pk.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     return pq, pk
 
 
-def _diagonals(bias, q_heads, lq, lk, causal, dtype) -> torch.Tensor:
-    """``c = exp(b)`` as ``(Hq | 1, Lq + Lk - 1)``, future diagonals zeroed if causal."""
-    if bias.dim() not in (1, 2) or bias.shape[-1] != lq + lk - 1 or (
-            bias.dim() == 2 and bias.shape[0] not in (1, q_heads)):
+def _grid(bias: torch.Tensor, lq: int, lk: int, causal: bool,
+          cross: bool) -> tuple[int, int] | None:
+    """The ``(height, width)`` token grid of a 2-D bias ``(Hq | 1, 2 height - 1, 2 width - 1)``,
+    None for a 1-D bias."""
+    if bias.dim() != 3:
+        return None
+    if causal or cross:
+        raise NotImplementedError("a 2-D option 'bias' (image grid) supports non-causal self "
+                                  "attention only")
+    rows, cols = bias.shape[-2:]
+    if rows % 2 == 0 or cols % 2 == 0 or (rows + 1) * (cols + 1) != 4 * lq or lq != lk:
+        raise ValueError(f"a 2-D option 'bias' must have shape (Hq | 1, 2H - 1, 2W - 1) with "
+                         f"H W = L = {lq}, got {tuple(bias.shape)}")
+    return (rows + 1) // 2, (cols + 1) // 2
+
+
+def _diagonals(bias, q_heads, lq, lk, causal, grid, dtype) -> torch.Tensor:
+    """``c = exp(b)`` as ``(Hq | 1, Lq + Lk - 1)`` (future diagonals zeroed if causal) or, on a
+    ``grid``, ``(Hq | 1, 2H - 1, 2W - 1)``."""
+    per_head = bias.dim() == (2 if grid is None else 3)
+    if per_head and bias.shape[0] not in (1, q_heads):
+        raise ValueError(f"option 'bias' must have {q_heads} heads or 1, got "
+                         f"{tuple(bias.shape)}")
+    if grid is not None:
+        return torch.exp(bias.to(dtype))
+    if bias.dim() not in (1, 2) or bias.shape[-1] != lq + lk - 1:
         raise ValueError(f"option 'bias' must have shape (Hq, Lq + Lk - 1)=({q_heads}, "
                          f"{lq + lk - 1}) or ({lq + lk - 1},), got {tuple(bias.shape)}")
     c = torch.exp(bias.to(dtype)).reshape(-1, lq + lk - 1)
@@ -109,38 +138,71 @@ def kernelized_rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     groups = q_heads // kv_heads
     scale = dim ** -0.5 if scale is None else scale
     causal = causal and not cross
+    if bias is None:
+        phi = _feature_map(dim=dim, dtype=q.dtype, device=q.device, scale=scale,
+                           num_features=num_features, feature_map=feature_map,
+                           normalize=normalize, seed=seed, projection=projection)
+        return kernel_attention(q, k, v, phi, phi, causal=causal,
+                                key_padding_mask=key_padding_mask)
+    grid = _grid(bias, lq, lk, causal, cross)
     pq, pk = _features(q, k, key_padding_mask, scale=scale, num_features=num_features,
                        feature_map=feature_map, normalize=normalize, seed=seed,
                        projection=projection)
-    pq = pq.view(batch, kv_heads, groups, lq, pq.shape[-1])
-    v = v.to(pk.dtype)
-    if bias is None:
-        out = normalised_linear_attention(pq, pk, v, causal=causal)
-        return out.reshape(batch, q_heads, lq, dv).to(q.dtype)
-    c = _diagonals(bias, q_heads, lq, lk, causal, pk.dtype)
-    c = c.view(kv_heads, groups, -1) if c.shape[0] == q_heads else c.view(1, 1, -1)
-    spectrum = toeplitz_spectrum(c, lq, lk, pk.dtype)[:, :, None, None, :]
-    n = fft_size(lq, lk)
-    # Keys along the last dim, zero-padded to the FFT size once, before the outer product.
-    v1 = F.pad(torch.cat([v, v.new_ones(batch, kv_heads, lk, 1)], dim=-1).transpose(-1, -2),
-               (0, n - lk))
-    pk = F.pad(pk.transpose(-1, -2), (0, n - lk))
-    pq = pq.transpose(-1, -2)[..., None, :]  # (B, Hkv, G, F, 1, Lq)
-    features = pk.shape[-2]
-    step = max(1, _BLOCK_ELEMENTS // (batch * q_heads * (dv + 1) * spectrum.shape[-1]))
-    numden = 0
-    for start in range(0, features, step):  # blocks of features bound the memory
-        block = slice(start, start + step)
-        # A's rows phi(k_j)_r [v_j, 1] (as columns) for the features r of the block
-        a = pk[:, :, None, block, None, :] * v1[:, :, None, None, :, :]
-        d = apply_spectrum(spectrum, a, lq)  # (B, Hkv, G | 1, block, Dv + 1, Lq)
-        numden = numden + (pq[:, :, :, block] * d).sum(dim=3)
-    numden = numden.transpose(-1, -2)
+    c = _diagonals(bias, q_heads, lq, lk, causal, grid, pk.dtype)
+    c = c.view(kv_heads, groups, *c.shape[1:]) if c.shape[0] == q_heads else c[None]
+    circulant = Circulant(c, lq, lk, pk.dtype, grid)
+    # Keys along the last dim.
+    v1 = torch.cat([v.to(pk.dtype), pk.new_ones(batch, kv_heads, lk, 1)], dim=-1)
+    v1, pk = v1.transpose(-1, -2).contiguous(), pk.transpose(-1, -2).contiguous()
+    pq = pq.view(batch, kv_heads, groups, lq, pq.shape[-1]).transpose(-1, -2)
+    numden = _toeplitz_numden(pq, pk, v1, circulant).transpose(-1, -2)
     out = divide_or_zero(numden[..., :dv], numden[..., dv:])
     if key_padding_mask is not None:
         # FFT roundoff turns a zero denominator into noise: rows that see no key output 0.
         out = out * _sees_a_key(key_padding_mask, lq, causal)[:, None, None, :, None]
     return out.reshape(batch, q_heads, lq, dv).to(q.dtype)
+
+
+def _toeplitz_numden(pq: torch.Tensor, pk: torch.Tensor, v1: torch.Tensor,
+                     circulant: Circulant) -> torch.Tensor:
+    """``sum_r phi_r(q_i) (C (phi_r(K) * [V, 1]_e))_i`` for every column ``e`` of ``[V, 1]``:
+    ``pq (B, Hkv, G, F, Lq)``, ``pk (B, Hkv, F, Lk)`` and ``v1 (B, Hkv, E, Lk)``
+    -> ``(B, Hkv, G, E, Lq)``.
+
+    The ``F E`` Toeplitz columns go through the FFT in tiles (one key/value head, one feature
+    ``r``, at most ``_COLUMNS`` columns ``e``), so that a tile's product, spectra and inverse
+    stay a few MiB; each tile's forward transform is shared by the ``G`` query heads of its
+    key/value head. Without autograd (eager) the products go into buffers allocated (and their
+    padding zeroed) once, and the spectrum multiplies in place: fresh memory costs a page
+    fault per 4 KiB.
+    """
+    batch, kv_heads, groups, features, lq = pq.shape
+    width = v1.shape[2]
+    cols = -(-width // -(-width // _COLUMNS))  # columns of [V, 1] per tile, evenly split
+    spectrum = circulant.spectrum
+    # Buffers only in eager mode without autograd (torch.compile plans memory itself).
+    reuse = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
+        t.requires_grad for t in (pq, pk, v1, spectrum)))
+    buffers: dict[int, torch.Tensor] = {}
+    numden = new_empty(batch, kv_heads, groups, width, lq, like=pq)
+    for h in range(kv_heads):
+        spec_h = spectrum[h if spectrum.shape[0] > 1 else 0]
+        for e in range(0, width, cols):
+            vh = v1[:, h, e:e + cols]
+            if reuse and vh.shape[1] not in buffers:
+                buffers[vh.shape[1]] = vh.new_zeros(*vh.shape[:-1], *circulant.size)
+            acc = [pq.new_zeros(batch, vh.shape[1], lq) for _ in range(groups)]
+            for r in range(features):
+                a = circulant.embed_product(pk[:, h, r, None], vh, out=buffers.get(vh.shape[1]))
+                spec_a = circulant.transform(a)
+                for g in range(groups):
+                    s = spec_h[g if spec_h.shape[0] > 1 else 0]
+                    in_place = reuse and g == groups - 1  # spec_a's last use
+                    d = circulant.inverse(torch.mul(s, spec_a, out=spec_a if in_place else None))
+                    acc[g] = acc[g].addcmul_(pq[:, h, g, r, None], d)
+            for g in range(groups):
+                numden[:, h, g, e:e + cols] = acc[g]
+    return numden
 
 
 def weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, cross: bool = False,
@@ -159,8 +221,10 @@ def weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, cross: bo
     scores = pq @ repeat_kv(pk, q_heads // k.shape[1]).transpose(-1, -2)
     if bias is None:
         bias = scores.new_zeros(lq + lk - 1)
-    c = _diagonals(bias, q_heads, lq, lk, causal and not cross, scores.dtype)
-    scores = scores * dense_toeplitz(c, lq, lk)
+    grid = _grid(bias, lq, lk, causal, cross)
+    c = _diagonals(bias, q_heads, lq, lk, causal and not cross, grid, scores.dtype)
+    scores = scores * (dense_toeplitz(c, lq, lk) if grid is None else
+                       dense_toeplitz2d(c, *grid))
     return divide_or_zero(scores, scores.sum(dim=-1, keepdim=True))
 
 
@@ -207,7 +271,8 @@ MECHANISM = Mechanism(
                "explicit random projection w (m, D); None: drawn from seed", nullable=True),
         Option("bias", torch.Tensor, None,
                "RPE bias b (Hq, Lq + Lk - 1) or (Lq + Lk - 1,), entry t + Lq - 1 for offset "
-               "t = j - i; None: b = 0 (the O(L) linear path)", nullable=True),
+               "t = j - i; 2-D grid (Hq, 2H - 1, 2W - 1); None: b = 0 (the O(L) linear path)",
+               nullable=True),
     ),
     sample_options=sample_options,
 )

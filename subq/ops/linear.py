@@ -10,10 +10,15 @@ whose denominator is 0 (it sees no key) outputs 0. By associativity the sums nev
 * non-causal: ``S = phi(K)^T [V, 1]`` once, ``(d x (dv + 1))`` per head, then
   ``out_i = phi(q_i) S[:, :dv] / phi(q_i) S[:, dv]``. As in LiT's code, ``phi(K)`` and ``[V, 1]``
   are each scaled by ``Lk^-1/2`` before the product, a range trick that cancels in the ratio.
-  Time O(L d dv), memory O(L (d + dv) + d dv).
+  Time O(L d dv).
 * causal self: chunks of ``chunk`` rows; inside a chunk the masked ``(chunk x chunk)`` scores
   exactly, between chunks the state ``S`` (and the normaliser, its last column) carried as an
-  exclusive prefix sum. Time O(L (chunk + d) dv), memory O(L chunk + (L / chunk) d dv).
+  exclusive prefix sum. Time O(L (chunk + d) dv).
+
+Both go through the rows in tiles of ``TILE_ROWS`` (a multiple of ``chunk``): the features,
+scores and chunk states of one tile are computed, used and dropped before the next, so the
+working set is a few MiB (cache-resident, no fresh pages) whatever L; memory is the output plus
+O(TILE_ROWS (d + dv + chunk) + (TILE_ROWS / chunk) d dv) per head.
 * causal cross: each output row depends on its own query only, so it is the non-causal cross
   computation (nothing leaks from later queries).
 
@@ -24,18 +29,24 @@ temperature. Patterns: all four. Paper: LiT (DESIGN key ``linear``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ..registry import ALL_PATTERNS, Mechanism, Option
 from . import masks
-from .common import accumulation_dtype, repeat_kv
+from .common import accumulation_dtype, new_empty, repeat_kv
 from .feature_maps import DETERMINISTIC_MAPS, deterministic_features
 
 DEFAULT_CHUNK = 64
 DEFAULT_EPS = 1e-6
+#: Rows per tile: features, scores and chunk states of one tile stay cache-resident.
+TILE_ROWS = 2048
+
+FeatureMap = Callable[[torch.Tensor], torch.Tensor]
 
 
 def divide_or_zero(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -53,49 +64,90 @@ def _finish(numden: torch.Tensor) -> torch.Tensor:
     return divide_or_zero(numden[..., :-1], numden[..., -1:])
 
 
-def _noncausal(pq: torch.Tensor, pk: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    # (phi(K) Lk^-1/2)^T ([V, 1] Lk^-1/2), the two factors applied to phi(K) in one pass.
-    state = torch.einsum("bhlf,bhle->bhfe", pk * (1.0 / pk.shape[-2]), v1)
-    return torch.einsum("bhglf,bhfe->bhgle", pq, state)
+def _keys(k, v, k_features, key_padding_mask, start, stop):
+    """``phi(k_j)`` (padding keys zeroed) and ``[v_j, 1]`` for key rows ``start:stop``."""
+    pk = k_features(k[:, :, start:stop])
+    if key_padding_mask is not None:
+        pk = pk.masked_fill(key_padding_mask[:, None, start:stop, None], 0.0)
+    return pk, _with_ones(v[:, :, start:stop].to(pk.dtype))
 
 
-def _causal_chunked(pq: torch.Tensor, pk: torch.Tensor, v1: torch.Tensor,
-                    chunk: int) -> torch.Tensor:
-    batch, heads, groups, length, features = pq.shape
-    width = v1.shape[-1]
-    chunk = min(chunk, length)
-    n = -(-length // chunk)
-    pad = n * chunk - length
-    pq = F.pad(pq, (0, 0, 0, pad)).view(batch, heads, groups, n, chunk, features)
-    pk = F.pad(pk, (0, 0, 0, pad)).view(batch, heads, n, chunk, features)
-    v1 = F.pad(v1, (0, 0, 0, pad)).view(batch, heads, n, chunk, width)
-    per_chunk = torch.einsum("bhncf,bhnce->bhnfe", pk, v1)
-    before = F.pad(per_chunk.cumsum(dim=2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
-    inter = torch.einsum("bhgncf,bhnfe->bhgnce", pq, before)
-    scores = torch.einsum("bhgncf,bhnsf->bhgncs", pq, pk)
-    scores = scores * masks.causal_mask(chunk, chunk, pq.device).to(scores.dtype)
-    intra = torch.einsum("bhgncs,bhnse->bhgnce", scores, v1)
-    return (inter + intra).reshape(batch, heads, groups, n * chunk, width)[..., :length, :]
+def _noncausal(q, keys, lk, q_features, out, tile):
+    # S = (phi(K) Lk^-1/2)^T ([V, 1] Lk^-1/2), accumulated over key tiles.
+    state = None
+    for start in range(0, lk, tile):
+        pk, v1 = keys(start, min(start + tile, lk))
+        part = (pk * (1.0 / lk)).transpose(-1, -2) @ v1
+        state = part if state is None else state + part
+    for start in range(0, q.shape[-2], tile):
+        stop = min(start + tile, q.shape[-2])
+        pq = q_features(q[..., start:stop, :])
+        if state is None:  # no keys: every query outputs 0
+            state = pq.new_zeros(*out.shape[:2], pq.shape[-1], out.shape[-1] + 1)
+        out[..., start:stop, :] = _finish(pq @ state[:, :, None]).to(out.dtype)
 
 
-def normalised_linear_attention(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, *,
-                                causal: bool, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """The shared core of kernel attentions, on features already computed:
-    ``out_i = sum_j (pq_i . pk_j) v_j / sum_j (pq_i . pk_j)`` (causal: ``j <= i``, chunked).
+def _causal(q, keys, q_features, out, chunk, tile):
+    # Per tile: chunk states phi(K_c)^T [V_c, 1], their exclusive prefix sums (after the state
+    # carried from earlier tiles), exact masked scores inside each chunk.
+    batch, kv_heads, groups, length, _ = q.shape
+    state = None
+    for start in range(0, length, tile):
+        stop = min(start + tile, length)
+        rows = stop - start
+        n = -(-rows // chunk)
+        pad = n * chunk - rows
+        pq, (pk, v1) = q_features(q[..., start:stop, :]), keys(start, stop)
+        if pad:  # the last tile only
+            pq, pk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk, v1))
+        pq = pq.view(batch, kv_heads, groups, n, chunk, pq.shape[-1])
+        pk = pk.view(batch, kv_heads, 1, n, chunk, pk.shape[-1])
+        v1 = v1.view(batch, kv_heads, 1, n, chunk, v1.shape[-1])
+        per_chunk = pk.transpose(-1, -2) @ v1
+        if state is None:
+            state = per_chunk.new_zeros(batch, kv_heads, 1, 1, *per_chunk.shape[-2:])
+        prefix = torch.cat([state, per_chunk], dim=3).cumsum(dim=3)
+        state = prefix[:, :, :, -1:]
+        numden = (pq @ prefix[:, :, :, :-1]).add_((pq @ pk.transpose(-1, -2)).tril_() @ v1)
+        numden = numden.view(batch, kv_heads, groups, n * chunk, numden.shape[-1])
+        out[..., start:stop, :] = _finish(numden[..., :rows, :]).to(out.dtype)
 
-    ``pq (B, Hkv, G, Lq, F)`` (G query heads per key/value head), ``pk (B, Hkv, Lk, F)``,
-    ``v (B, Hkv, Lk, Dv)``, one floating dtype, padding keys already zeroed in ``pk``
-    -> ``(B, Hkv, G, Lq, Dv)``.
+
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_features: FeatureMap,
+                     k_features: FeatureMap, *, causal: bool,
+                     key_padding_mask: torch.Tensor | None, chunk: int = DEFAULT_CHUNK,
+                     tile: int = TILE_ROWS) -> torch.Tensor:
+    """The shared core of kernel attentions:
+    ``out_i = sum_j (phi(q_i) . phi(k_j)) v_j / sum_j (phi(q_i) . phi(k_j))`` (causal self:
+    ``j <= i``, chunked; numerator and denominator from one product with ``[V, 1]``), the
+    features computed tile by tile (``tile`` rows, rounded to a multiple of ``chunk``) so that
+    no intermediate is longer than a tile; padding keys (``key_padding_mask``) drop out.
+
+    ``q (B, Hq, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``; ``q_features`` and
+    ``k_features`` map ``(..., T, D)`` to ``(..., T, F)`` in the accumulation dtype
+    -> ``(B, Hq, Lq, Dv)`` in ``q``'s dtype.
     """
-    v1 = _with_ones(v)
-    numden = _causal_chunked(pq, pk, v1, chunk) if causal else _noncausal(pq, pk, v1)
-    return _finish(numden)
+    batch, q_heads, lq, dim = q.shape
+    kv_heads, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    q = q.view(batch, kv_heads, q_heads // kv_heads, lq, dim)
+    out = new_empty(*q.shape[:-1], dv, like=q)
+    keys = partial(_keys, k, v, k_features, key_padding_mask)
+    if causal:
+        chunk = max(1, min(chunk, lq))
+        _causal(q, keys, q_features, out, chunk, max(chunk, tile // chunk * chunk))
+    else:
+        _noncausal(q, keys, lk, q_features, out, max(1, tile))
+    return out.view(batch, q_heads, lq, dv)
+
+
+def _feature_map(feature_map: str, eps: float, dtype: torch.dtype) -> FeatureMap:
+    acc = accumulation_dtype(dtype)
+    return lambda x: deterministic_features(x.to(acc), feature_map, eps)
 
 
 def _features(q, k, key_padding_mask, feature_map, eps):
-    acc = accumulation_dtype(q.dtype)
-    pq = deterministic_features(q.to(acc), feature_map, eps)
-    pk = deterministic_features(k.to(acc), feature_map, eps)
+    phi = _feature_map(feature_map, eps, q.dtype)
+    pq, pk = phi(q), phi(k)
     if key_padding_mask is not None:
         pk = pk.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     return pq, pk
@@ -111,13 +163,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     Options: ``feature_map="relu"`` (``relu``, ``elu1``, ``identity``), ``eps=1e-6`` (added
     after ReLU), ``chunk=64`` (rows per chunk of the causal form).
     """
-    batch, q_heads, lq, _ = q.shape
-    kv_heads = k.shape[1]
-    pq, pk = _features(q, k, key_padding_mask, feature_map, eps)
-    pq = pq.view(batch, kv_heads, q_heads // kv_heads, lq, pq.shape[-1])
-    out = normalised_linear_attention(pq, pk, v.to(pk.dtype), causal=causal and not cross,
-                                      chunk=chunk)
-    return out.reshape(batch, q_heads, lq, v.shape[-1]).to(q.dtype)
+    phi = _feature_map(feature_map, eps, q.dtype)
+    return kernel_attention(q, k, v, phi, phi, causal=causal and not cross,
+                            key_padding_mask=key_padding_mask, chunk=chunk)
 
 
 def weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, cross: bool = False,

@@ -58,3 +58,80 @@ def toeplitz_matmul(c: torch.Tensor, x: torch.Tensor, lq: int) -> torch.Tensor:
     (float32 or float64)."""
     spectrum = toeplitz_spectrum(c, lq, x.shape[-2], x.dtype)
     return apply_spectrum(spectrum[..., None, :], x.transpose(-1, -2), lq).transpose(-1, -2)
+
+
+def dense_toeplitz2d(c: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The explicit matrix ``C (..., L, L)`` (``L = height width``, row-major tokens) of the 2-D
+    diagonals ``c (..., 2 height - 1, 2 width - 1)``:
+    ``C[i, j] = c[..., j1 - i1 + height - 1, j2 - i2 + width - 1]`` for ``i = i1 width + i2``."""
+    rows = torch.arange(height, device=c.device).repeat_interleave(width)
+    cols = torch.arange(width, device=c.device).repeat(height)
+    return c[..., rows[None, :] - rows[:, None] + height - 1,
+             cols[None, :] - cols[:, None] + width - 1]
+
+
+class Circulant:
+    """A Toeplitz (1-D: ``c (..., Lq + Lk - 1)``) or Toeplitz-block-Toeplitz (2-D, a row-major
+    ``height x width`` grid of tokens: ``c (..., 2 height - 1, 2 width - 1)``) matrix ``C``,
+    embedded in a circulant of size ``n`` (1-D, a power of two ``>= Lq + Lk - 1``) or
+    ``(2 height, 2 width)`` (2-D, ``rfft2``) and kept as :attr:`spectrum`, the real FFT of its
+    first column, computed once.
+
+    ``embed(x)`` zero-pads keys ``x (..., Lk)`` to the circulant layout (do it once, before
+    elementwise products); ``apply(spectrum, xe)`` is ``C @ x`` along the last dim for an
+    embedded ``xe`` and a slice ``spectrum`` of :attr:`spectrum` that broadcasts against it,
+    returning ``(..., Lq)``; ``inverse(spectrum * transform(xe))`` is the same in two steps
+    (to share one forward transform among several spectra).
+    """
+
+    def __init__(self, c: torch.Tensor, lq: int, lk: int, dtype: torch.dtype,
+                 grid: tuple[int, int] | None = None) -> None:
+        self.lq, self.lk = lq, lk
+        if grid is None:
+            self.grid, self.size = None, (fft_size(lq, lk),)
+            self.spectrum = toeplitz_spectrum(c, lq, lk, dtype)
+            return
+        height, width = grid
+        self.grid, self.size = grid, (2 * height, 2 * width)
+        # h[s1, s2] = c[height - 1 - s1, width - 1 - s2] at circulant index (s1, s2) mod size.
+        h = F.pad(c.flip(-1, -2), (0, 1, 0, 1))
+        h = torch.roll(h, shifts=(-(height - 1), -(width - 1)), dims=(-2, -1))
+        self.spectrum = torch.fft.rfft2(h.to(dtype), s=self.size)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid is None:
+            return F.pad(x, (0, self.size[0] - self.lk))
+        height, width = self.grid
+        return F.pad(x.unflatten(-1, self.grid), (0, width, 0, height))
+
+    def embed_product(self, x: torch.Tensor, y: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        """``embed(x * y)`` for keys ``x, y (..., Lk)`` (broadcasting); with ``out`` (an
+        embedded buffer whose padding is already zero) the product is written into its key
+        region only."""
+        if out is None:
+            return self.embed(x * y)
+        if self.grid is None:
+            torch.mul(x, y, out=out[..., :self.lk])
+        else:
+            height, width = self.grid
+            torch.mul(x.unflatten(-1, self.grid), y.unflatten(-1, self.grid),
+                      out=out[..., :height, :width])
+        return out
+
+    def transform(self, xe: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The real FFT of an embedded ``xe`` over its last one (1-D) or two (2-D) dims."""
+        if self.grid is None:
+            return torch.fft.rfft(xe, n=self.size[0], dim=-1, out=out)
+        return torch.fft.rfft2(xe, s=self.size, out=out)
+
+    def inverse(self, product: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of :meth:`transform`, cropped to the queries: ``(..., Lq)``."""
+        if self.grid is None:
+            return torch.fft.irfft(product, n=self.size[0], dim=-1, out=out)[..., :self.lq]
+        height, width = self.grid
+        y = torch.fft.irfft2(product, s=self.size, out=out)
+        return y[..., :height, :width].flatten(-2)
+
+    def apply(self, spectrum: torch.Tensor, xe: torch.Tensor) -> torch.Tensor:
+        return self.inverse(spectrum * self.transform(xe))

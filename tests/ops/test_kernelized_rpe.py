@@ -114,3 +114,96 @@ def test_bad_bias_and_projection_shapes_raise():
         subq.attention(q, k, v, method="kernelized_rpe", bias=torch.zeros(3, 19))
     with pytest.raises(ValueError, match="projection"):
         subq.attention(q, k, v, method="kernelized_rpe", projection=torch.zeros(8, 15))
+
+
+def _explicit_grid_bias(bias, height, width):
+    """``B[h, i, j] = b[h, j1 - i1 + H - 1, j2 - i2 + W - 1]`` with a Python loop over pairs."""
+    length = height * width
+    out = torch.empty(bias.shape[0], length, length, dtype=bias.dtype)
+    for i in range(length):
+        for j in range(length):
+            (i1, i2), (j1, j2) = divmod(i, width), divmod(j, width)
+            out[:, i, j] = bias[:, j1 - i1 + height - 1, j2 - i2 + width - 1]
+    return out
+
+
+@pytest.mark.parametrize("height, width", [(5, 7), (6, 6), (1, 9), (8, 1)])
+def test_2d_bias_equals_explicit_relative_bias_matrix(height, width):
+    length = height * width
+    q, k, v = random_qkv(lq=length, value_dim=12)
+    bias = torch.randn(q.shape[1], 2 * height - 1, 2 * width - 1, dtype=torch.float64)
+    out = subq.attention(q, k, v, method="kernelized_rpe", bias=bias)
+    assert rel_rms(subq.reference(q, k, v, method="kernelized_rpe", bias=bias), out) <= 1e-10
+    # The same attention written out: features times exp of the explicit 2-D bias matrix.
+    w = draw_projection(32, 16, 0, dtype=torch.float64, device="cpu")
+    pq = random_features(F.normalize(q, dim=-1), w, "prf")
+    pk = random_features(F.normalize(k, dim=-1), w, "prf").repeat_interleave(2, 1)
+    s = (pq @ pk.transpose(-1, -2)) * _explicit_grid_bias(bias, height, width).exp()
+    expected = (s / s.sum(-1, keepdim=True)) @ v.repeat_interleave(2, 1)
+    assert rel_rms(expected, out) <= 1e-10
+
+
+def test_2d_bias_exact_reductions():
+    """Column-offset-only ``b[d1, d2] = beta[d2]`` gives ``C = 1 (x) T(exp beta)`` (Kronecker:
+    every pair of grid rows weighs keys by the column offset only); a ``W = 1`` grid is the
+    1-D RPE over offsets ``j - i``; a zero 2-D bias is plain kernelized attention."""
+    height, width = 4, 6
+    q, k, v = random_qkv(batch=1, q_heads=2, kv_heads=2, lq=height * width)
+    beta = torch.randn(2, 2 * width - 1, dtype=torch.float64)
+    out = subq.attention(q, k, v, method="kernelized_rpe",
+                         bias=beta[:, None, :].expand(2, 2 * height - 1, 2 * width - 1))
+    kron = torch.kron(torch.ones(height, height, dtype=torch.float64),
+                      beta[:, torch.arange(width)[None, :] - torch.arange(width)[:, None]
+                           + width - 1].exp())  # (2, L, L) through the batch of Kronecker
+    w = draw_projection(32, 16, 0, dtype=torch.float64, device="cpu")
+    pq = random_features(F.normalize(q, dim=-1), w, "prf")
+    pk = random_features(F.normalize(k, dim=-1), w, "prf")
+    s = (pq @ pk.transpose(-1, -2)) * kron
+    assert rel_rms((s / s.sum(-1, keepdim=True)) @ v, out) <= 1e-10
+    one_col = torch.randn(2, 2 * height * width - 1, dtype=torch.float64)
+    grid = subq.attention(q, k, v, method="kernelized_rpe", bias=one_col[:, :, None])
+    assert rel_rms(subq.attention(q, k, v, method="kernelized_rpe", bias=one_col), grid) <= 1e-10
+    zero = torch.zeros(2, 2 * height - 1, 2 * width - 1, dtype=torch.float64)
+    assert rel_rms(subq.attention(q, k, v, method="kernelized_rpe"),
+                   subq.attention(q, k, v, method="kernelized_rpe", bias=zero)) <= 1e-10
+
+
+def test_bad_2d_bias_raises():
+    q, k, v = random_qkv(lq=12)
+    good = torch.zeros(4, 5, 7)  # 3 x 4 grid
+    subq.attention(q, k, v, method="kernelized_rpe", bias=good)
+    with pytest.raises(ValueError, match="bias"):
+        subq.attention(q, k, v, method="kernelized_rpe", bias=torch.zeros(4, 5, 5))
+    with pytest.raises(ValueError, match="bias"):
+        subq.attention(q, k, v, method="kernelized_rpe", bias=torch.zeros(4, 4, 7))
+    with pytest.raises(ValueError, match="bias"):
+        subq.attention(q, k, v, method="kernelized_rpe", bias=torch.zeros(3, 5, 7))
+    with pytest.raises(NotImplementedError, match="bias"):
+        subq.attention(q, k, v, method="kernelized_rpe", causal=True, bias=good)
+    q2, k2, v2 = random_qkv(lq=12, lk=12)
+    with pytest.raises(NotImplementedError, match="bias"):
+        subq.attention(q2, k2, v2, method="kernelized_rpe", cross=True, bias=good)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_column_tiles_with_and_without_autograd(monkeypatch, grad):
+    """Several column tiles per head (reused buffers without autograd), GQA, padding keys:
+    values and gradients equal the reference."""
+    from subq.ops import kernelized_rpe
+
+    monkeypatch.setattr(kernelized_rpe, "_COLUMNS", 5)
+    q, k, v = random_qkv(batch=2, q_heads=4, kv_heads=2, lq=40, value_dim=12)
+    mask = torch.rand(2, 40) < 0.3
+    mask[:, 0] = False
+    bias = torch.randn(4, 79, dtype=torch.float64)
+    kwargs = dict(method="kernelized_rpe", bias=bias, key_padding_mask=mask, num_features=6)
+    with torch.set_grad_enabled(grad):
+        q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
+        out = subq.attention(q, k, v, **kwargs)
+        ref = subq.reference(q, k, v, **kwargs)
+    assert rel_rms(ref, out) <= 1e-10
+    if grad:
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g),
+                        torch.autograd.grad(ref, (q, k, v), g), strict=True):
+            assert rel_rms(b, a) <= 1e-10
