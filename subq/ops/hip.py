@@ -23,18 +23,22 @@ search sees keys ``< s - w`` only, so the mask of query ``i`` depends on nothing
 ``q_{s + r b_sq}``.
 
 Cost: the search is O((L / b_q) (topk / b_k) b_k (b_q / b_sq) D log(L / topk)), query blocks
-grouped by their number of iterations so that none runs a wasted one; the attention gathers
-``sink + topk + w + b_q`` keys per block and runs one fused SDPA call per cache-sized chunk of
-blocks (an additive mask removes duplicates, padding and the causal cut): O(L (topk + w + sink)
-D) time, O(L D) memory beyond bounded chunks, never an L x L tensor. Patterns: causal self,
-noncausal self.
+grouped by their number of iterations so that none runs a wasted one. The attention, in eager
+inference, gathers each block's ``sink + topk`` far keys into reused buffers and reads its
+window as a strided view of the keys, runs the fused kernel on each part and merges the two
+softmaxes by their log-sum-exps (:func:`_attend_split`); otherwise (autograd, padding, compile)
+it gathers all ``sink + topk + w + b_q`` keys and runs one fused SDPA call per cache-sized chunk
+of blocks, an additive mask removing duplicates, padding and the causal cut (:func:`_attend`).
+Either way: O(L (topk + w + sink) D) time, O(L D) memory beyond bounded chunks, never an L x L
+tensor. Patterns: causal self, noncausal self.
 
 Decoding keeps a KV cache (growing by doubling, written in place) and the last ``b_q`` queries;
 every ``refresh`` steps (at ``t = 0, r_m, 2 r_m, ...``) it re-runs the search for the step's
 query as a block starting at ``s = t`` and reuses the mask until the next refresh, the window
 ``[s - w, t]`` covering the new tokens. With ``refresh == block_q`` stepping equals the causal
 prefill exactly. A step costs O((sink + topk + w + refresh) D), plus the search every
-``refresh`` steps: O(topk D (b_q / b_sq) log(t / topk)), never O(t^2).
+``refresh`` steps: O(topk D (b_q / b_sq) log(t / topk)), never O(t^2). The far keys and values
+are gathered once per refresh; a step reads the window as a slice of the cache.
 """
 
 from __future__ import annotations
@@ -127,7 +131,8 @@ def _select(q, k, causal, key_padding_mask, topk, block_q, block_k, query_stride
         found, ok = search_blocks(
             q_rep.to(acc), rep_ok, keys, (kv_row * length).repeat_interleave(n1 - n0),
             group_end, max(ends[n0:n1]), n_nodes=n_nodes, block_k=block_k,
-            representative=representative, key_ok=key_ok)
+            representative=representative, key_ok=key_ok, min_range=min(ends[n0:n1]),
+            row_length=length, aligned_ranges=all(e % block_k == 0 for e in ends[n0:n1]))
         blocks.append(found.view(heads, n1 - n0, -1))
         valid.append(ok.view(heads, n1 - n0, -1))
     start = (torch.arange(n_q_blocks, device=device) * block_q).repeat(heads)
@@ -136,13 +141,12 @@ def _select(q, k, causal, key_padding_mask, topk, block_q, block_k, query_stride
                    torch.cat(valid, dim=1).flatten(0, 1))
 
 
-def _key_layout(sel: _Blocks, *, block_k: int, sink: int, window: int, span: int, causal: bool
+def _far_layout(sel: _Blocks, *, block_k: int, sink: int, window: int, span: int, causal: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key positions ``(N, K)`` each row attends to and which of them count: sink (``j <
-    sink`` outside the window), selected blocks (``sink <= j < range_end``, outside the
-    window), then the window, ``w + span`` keys from ``s - w`` (``+ w`` when non-causal), last.
-    Each key counts once (duplicates are masked, not removed); causality is left to the window
-    segment (every other counted key is ``< s - w``)."""
+    """Key positions ``(N, sink + m b_k)`` each row attends to outside its window and which of
+    them count: sink (``j < sink``), then the selected blocks (``sink <= j < range_end``), both
+    outside the window ``[s - w, s + span)`` (non-causal: ``+ w``). Each key counts once
+    (duplicates are masked, not removed); when causal every counted key is ``< s - w``."""
     device = sel.start.device
     s = sel.start[:, None]
     after = span + (0 if causal else window)
@@ -156,10 +160,18 @@ def _key_layout(sel: _Blocks, *, block_k: int, sink: int, window: int, span: int
     sel_pos = (sel.blocks[..., None] * block_k + within).flatten(1)
     sel_ok = (sel.valid[..., None].expand(-1, -1, block_k).flatten(1) & (sel_pos >= sink)
               & (sel_pos < sel.range_end[:, None]) & outside_window(sel_pos))
-    win_pos = s - window + torch.arange(window + after, device=device)
-    pos = torch.cat((sink_pos, sel_pos, win_pos), dim=1)
-    ok = torch.cat((sink_ok, sel_ok, win_pos >= 0), dim=1)
-    return pos, ok
+    return torch.cat((sink_pos, sel_pos), dim=1), torch.cat((sink_ok, sel_ok), dim=1)
+
+
+def _key_layout(sel: _Blocks, *, block_k: int, sink: int, window: int, span: int, causal: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_far_layout`'s keys, then the window last: ``w + span`` keys from ``s - w``
+    (non-causal: ``+ w``); causality is left to the window segment."""
+    pos, ok = _far_layout(sel, block_k=block_k, sink=sink, window=window, span=span,
+                          causal=causal)
+    after = span + (0 if causal else window)
+    win_pos = sel.start[:, None] - window + torch.arange(window + after, device=pos.device)
+    return torch.cat((pos, win_pos), dim=1), torch.cat((ok, win_pos >= 0), dim=1)
 
 
 def _attend(q_rows, k_flat, v_flat, key_offset, layout, n_keys, window_bias, scale):
@@ -189,6 +201,86 @@ def _attend(q_rows, k_flat, v_flat, key_offset, layout, n_keys, window_bias, sca
             out[i + a:i + a + n] = F.scaled_dot_product_attention(
                 q_rows[i + a:i + a + n, None], keys, values,
                 attn_mask=key_bias[a:a + n] + causal_bias, scale=scale)[:, 0]
+    return out
+
+
+def _attend_split(q_rows, k, v, kv_rows, far, n_far, window, window_bias, scale):
+    """The inference form of :func:`_attend` for a prefill without padding, same result.
+
+    ``q_rows (R * N, b_q, D)``: query block ``n`` of query row ``r`` (``R = B Hq``), reading
+    key/value row ``kv_rows[r]`` (a list) of ``k (B, Hkv, L, D)``, ``v (B, Hkv, L, Dv)``. Each block
+    attends to (a) its far keys, ``pos, ok = far(i, j)`` (``n_far`` per block, rows ``i:j``),
+    gathered into reused buffers, and (b) its window, the ``W`` keys from ``s - w``: a strided
+    view (no copy) of the row's keys laid out after ``w`` zero rows, ``window_bias (b_q, W)``
+    cutting causality, positions outside ``[0, L)`` masked on edge blocks. The two softmaxes
+    are merged exactly through their log-sum-exps (the far keys are outside the window, so
+    each key counts once); a block with no far key takes the window alone."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    n_rows, span, dim = q_rows.shape
+    length, dv = v.shape[2], v.shape[-1]
+    n_q_rows = len(kv_rows)
+    n_blocks = n_rows // n_q_rows
+    n_window = window_bias.shape[-1]
+    dtype, device = q_rows.dtype, q_rows.device
+    k_flat, v_flat = k.reshape(-1, dim), v.reshape(-1, dv)
+    sub = max(1, _GATHER_ELEMENTS // (n_far * (dim + dv)))
+    chunk = sub * max(1, _CHUNK_KEYS // (sub * n_far))
+    k_far = torch.empty(sub, 1, n_far, dim, dtype=k.dtype, device=device)
+    v_far = torch.empty(sub, 1, n_far, dv, dtype=v.dtype, device=device)
+    # The row's keys and values after `window` zero rows: block n's window is rows
+    # [n b_q, n b_q + W) of these buffers.
+    padded = (n_blocks - 1) * span + n_window
+    k_pad = torch.zeros(padded, dim, dtype=dtype, device=device)
+    v_pad = torch.zeros(padded, dv, dtype=dtype, device=device)
+    inner = (-(-window // span), (length + window - n_window) // span + 1)  # no edge in [a, b)
+    edge_pos = torch.arange(n_window, device=device) - window
+    shared_bias = window_bias[None, None]
+    out = new_empty(n_rows, span, dv, like=q_rows)
+    loaded = -1
+    for row, kv in enumerate(kv_rows):
+        if kv != loaded:
+            k_pad[window:window + length] = k_flat[kv * length:(kv + 1) * length]
+            v_pad[window:window + length] = v_flat[kv * length:(kv + 1) * length]
+            loaded = kv
+        for n0 in range(0, n_blocks, chunk):
+            n1 = min(n_blocks, n0 + chunk)
+            i = row * n_blocks + n0
+            pos, ok = far(i, i + n1 - n0)
+            index = torch.where(ok, pos, 0) + kv * length
+            bias = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(
+                ~ok, float("-inf"))[:, None, None]
+            seen = ok.any(dim=1)[:, None, None]
+            outs, lses = [], []
+            for a in range(0, n1 - n0, sub):
+                n = min(sub, n1 - n0 - a)
+                torch.index_select(k_flat, 0, index[a:a + n].reshape(-1),
+                                   out=k_far[:n].view(-1, dim))
+                torch.index_select(v_flat, 0, index[a:a + n].reshape(-1),
+                                   out=v_far[:n].view(-1, dv))
+                o, lse = flash(q_rows[i + a:i + a + n, None], k_far[:n].to(dtype),
+                               v_far[:n].to(dtype), 0.0, False, attn_mask=bias[a:a + n],
+                               scale=scale)[:2]
+                outs.append(o)
+                lses.append(lse)
+            o_far = torch.cat(outs)[:, 0]
+            lse_far = torch.cat(lses).masked_fill_(~seen, float("-inf"))[:, 0]
+            k_win = k_pad.as_strided((n1 - n0, 1, n_window, dim), (span * dim, 0, dim, 1),
+                                     n0 * span * dim)
+            v_win = v_pad.as_strided((n1 - n0, 1, n_window, dv), (span * dv, 0, dv, 1),
+                                     n0 * span * dv)
+            mask = shared_bias
+            if n0 < inner[0] or n1 > inner[1]:
+                real = (torch.arange(n0, n1, device=device)[:, None] * span + edge_pos)
+                mask = shared_bias + torch.zeros(real.shape, dtype=dtype, device=device
+                                                 ).masked_fill_((real < 0) | (real >= length),
+                                                                float("-inf"))[:, None, None]
+            o_win, lse_win = flash(q_rows[i:i + n1 - n0, None], k_win, v_win, 0.0, False,
+                                   attn_mask=mask, scale=scale)[:2]
+            top = torch.maximum(lse_far, lse_win[:, 0])
+            w_far = (lse_far - top).exp_()[..., None]
+            w_win = (lse_win[:, 0] - top).exp_()[..., None]
+            o_far.mul_(w_far).add_(o_win[:, 0] * w_win).div_(w_far + w_win)
+            out[i:i + n1 - n0] = o_far
     return out
 
 
@@ -247,9 +339,25 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         q_rows = F.pad(q_rows, (0, 0, 0, padded - length))
     q_rows = q_rows.reshape(-1, block_q, dim)
     bias = _window_bias(block_q, n_window, window, causal, acc, q.device)
-    n_keys = min(sink, length) + _n_nodes(topk, block_k) * block_k + n_window
-    out = _attend(q_rows, k.reshape(-1, dim), v.reshape(-1, dv), key_offset, layout, n_keys,
-                  bias, scale)
+    n_far = min(sink, length) + _n_nodes(topk, block_k) * block_k
+    differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                  or v.requires_grad)
+    # The split form is for eager inference (its loops would unroll under torch.compile); its
+    # fused kernel needs equal query and value widths.
+    if (key_padding_mask is None and not differentiable and dv == dim
+            and not torch.compiler.is_compiling()):
+        def far(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            pos, ok = _far_layout(sel.rows(i, j), block_k=block_k, sink=min(sink, length),
+                                  window=window, span=block_q, causal=causal)
+            return pos, ok & (pos < length)
+
+        groups = q_heads // kv_heads
+        kv_rows = [(r // q_heads) * kv_heads + (r % q_heads) // groups
+                   for r in range(batch * q_heads)]
+        out = _attend_split(q_rows, k, v, kv_rows, far, n_far, window, bias, scale)
+    else:
+        out = _attend(q_rows, k.reshape(-1, dim), v.reshape(-1, dv), key_offset, layout,
+                      n_far + n_window, bias, scale)
     return out.reshape(batch, q_heads, padded, dv)[:, :, :length].to(q.dtype)
 
 
@@ -304,13 +412,19 @@ def weights(q, k, *, causal=False, cross=False, scale=None, key_padding_mask=Non
 class HipCache:
     """Decoding state: the KV cache ``(B, Hkv, capacity, D)`` (the first ``length`` positions
     are real; it is written in place and doubles when full), the last ``block_q`` queries
-    ``(B, Hq, <= block_q, D)``, and the mask chosen at the last refresh (position ``start``)."""
+    ``(B, Hq, <= block_q, D)``, the mask chosen at the last refresh (at position ``start``)
+    and, gathered then, the far keys and values ``(B * Hq, sink + m b_k, D)`` of every query
+    row with their additive mask ``(B * Hq, 1, sink + m b_k)``."""
 
     keys: torch.Tensor
     values: torch.Tensor
     length: int = 0
     queries: torch.Tensor | None = None
     selection: _Blocks | None = None
+    start: int = 0
+    far_keys: torch.Tensor | None = None
+    far_values: torch.Tensor | None = None
+    far_bias: torch.Tensor | None = None
 
 
 def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, **options) -> HipCache:
@@ -347,7 +461,8 @@ def _refresh(state: HipCache, t: int, kv_row: torch.Tensor, *, topk, block_q, bl
     blocks, valid = search_blocks(
         q_rep, rep_ok, state.keys.reshape(-1, dim), kv_row * state.keys.shape[2],
         range_end, end, n_nodes=_n_nodes(topk, block_k), block_k=block_k,
-        representative=representative)
+        representative=representative, min_range=end, row_length=state.keys.shape[2],
+        aligned_ranges=end % block_k == 0)
     return _Blocks(start, range_end, blocks, valid)
 
 
@@ -366,23 +481,44 @@ def step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: HipCach
     queries = q_t if state.queries is None else torch.cat((state.queries, q_t), dim=2)
     state.queries = queries[:, :, -block_q:]
     kv_row = _kv_rows(batch, kv_heads, q_heads // kv_heads, q_t.device)
+    acc = accumulation_dtype(q_t.dtype)
     if t % refresh == 0:
         state.selection = _refresh(state, t, kv_row, topk=topk, block_q=block_q,
                                    block_k=block_k, query_stride=query_stride, window=window,
                                    representative=representative)
-    def layout(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pos, ok = _key_layout(state.selection.rows(i, j), block_k=block_k, sink=sink,
-                              window=window, span=refresh, causal=True)
-        return pos, ok & (pos <= t)
+        _gather_far(state, kv_row, block_k=block_k, sink=sink, window=window, span=refresh,
+                    dtype=acc)
+    # The window [s - w, t] is a slice of the cache (no mask: every key in it is <= t); the
+    # far keys (all < s - w) were gathered at the refresh. One softmax over both.
+    lo = max(0, state.start - window)
+    groups, n_far = q_heads // kv_heads, state.far_keys.shape[1]
+    q_g = q_t.to(acc).reshape(batch, kv_heads, groups, dim)
+    k_win = state.keys[:, :, lo:t + 1].to(acc)
+    v_win = state.values[:, :, lo:t + 1].to(acc)
+    far = torch.bmm(q_g.reshape(-1, 1, dim), state.far_keys.transpose(1, 2))
+    near = torch.matmul(q_g, k_win.transpose(-1, -2)).reshape(batch * q_heads, 1, -1)
+    weights_t = torch.softmax(torch.cat((far * scale + state.far_bias, near * scale), dim=-1),
+                              dim=-1)
+    out = torch.bmm(weights_t[..., :n_far], state.far_values) + torch.matmul(
+        weights_t[..., n_far:].reshape(batch, kv_heads, groups, -1), v_win
+    ).reshape(batch * q_heads, 1, -1)
+    return out.reshape(batch, q_heads, 1, -1).to(q_t.dtype), state
 
-    acc = accumulation_dtype(q_t.dtype)
-    capacity, dv = state.keys.shape[2], state.values.shape[-1]
-    bias = _window_bias(1, window + refresh, window + t - int(state.selection.start[0]), True,
-                        acc, q_t.device)
-    out = _attend(q_t.to(acc).reshape(-1, 1, dim), state.keys.reshape(-1, dim),
-                  state.values.reshape(-1, dv), kv_row * capacity, layout,
-                  sink + _n_nodes(topk, block_k) * block_k + window + refresh, bias, scale)
-    return out.reshape(batch, q_heads, 1, dv).to(q_t.dtype), state
+
+def _gather_far(state: HipCache, kv_row: torch.Tensor, *, block_k: int, sink: int, window: int,
+                span: int, dtype: torch.dtype) -> None:
+    """At a refresh: gather the far keys and values (sink and selected blocks, all ``< s - w``)
+    of every query row ``(B * Hq, sink + m b_k, D)`` once, with their additive mask, for the
+    steps until the next refresh."""
+    pos, ok = _far_layout(state.selection, block_k=block_k, sink=sink, window=window,
+                          span=span, causal=True)
+    index = (kv_row * state.keys.shape[2])[:, None] + torch.where(ok, pos, 0)
+    dim, dv = state.keys.shape[-1], state.values.shape[-1]
+    state.far_keys = state.keys.reshape(-1, dim)[index].to(dtype)
+    state.far_values = state.values.reshape(-1, dv)[index].to(dtype)
+    state.far_bias = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(
+        ~ok, float("-inf"))[:, None]
+    state.start = int(state.selection.start[0])
 
 
 MECHANISM = Mechanism(

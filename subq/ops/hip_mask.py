@@ -16,7 +16,7 @@ For one query block with representative queries ``Q_rep`` and ``n`` searchable k
 :func:`search_blocks` runs the search vectorised over rows (batch x heads x query blocks): per
 iteration, one gather of the representative keys (``2m b_k`` per row, never the branches'
 other keys), one batched matmul against the row's representative queries, and the stable
-top-``m`` by one ``kthvalue`` threshold plus cumulative sums (:func:`best_in_order`, no sort):
+top-``m`` by one ``topk`` threshold plus cumulative sums (:func:`best_in_order`, no sort):
 O(rows x m x block_k x D x log(n / m)) time, never a rows x n tensor; the integer work runs on
 chunks of rows, the gathers on cache-sized sub-chunks. :func:`search_blocks_loop` is the
 obvious per-row loop, kept for the tests.
@@ -30,8 +30,8 @@ REPRESENTATIVES = ("center", "first")
 # Rows are searched in chunks whose index tensors hold about _CHUNK_NODES entries (few, large
 # integer ops); their representative keys are gathered and scored in sub-chunks of about
 # _GATHER_ELEMENTS elements, small enough to stay in cache.
-_CHUNK_NODES = 1 << 18
-_GATHER_ELEMENTS = 1 << 19
+_CHUNK_NODES = 1 << 16
+_GATHER_ELEMENTS = 1 << 18
 
 
 def search_iterations(n_blocks: int, n_nodes: int) -> int:
@@ -49,9 +49,10 @@ def _representative(start: torch.Tensor, size: torch.Tensor, representative: str
 def best_in_order(score: torch.Tensor, n_best: int) -> torch.Tensor:
     """``(rows, n_best)``: the indices of the ``n_best`` largest scores of each row, ties going
     to the earlier index, listed in increasing index order: a stable descending sort's first
-    ``n_best`` entries, sorted, found with one ``kthvalue`` and cumulative sums (no sort)."""
+    ``n_best`` entries, sorted, found with one unsorted ``topk`` (its smallest value is the
+    threshold) and cumulative sums (no sort)."""
     rows, count = score.shape
-    threshold = score.kthvalue(count - n_best + 1, dim=1, keepdim=True).values
+    threshold = score.topk(n_best, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     greater = score > threshold
     tied = score == threshold
     room = n_best - greater.sum(dim=1, keepdim=True)
@@ -62,52 +63,75 @@ def best_in_order(score: torch.Tensor, n_best: int) -> torch.Tensor:
     return out.scatter_(1, slot, index)[:, :n_best]
 
 
-def _max_dots(q_rep: torch.Tensor, keys: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """``(rows, C)``: ``max_r q_rep[n, r] . keys[flat[n, c]]``, one gather and one batched
-    matmul (rows few enough that the gathered keys stay in cache)."""
-    rows, dim = flat.shape[0], keys.shape[-1]
-    k_rep = keys.index_select(0, flat.view(-1)).view(rows, -1, dim).to(q_rep.dtype)
-    return torch.bmm(q_rep, k_rep.transpose(1, 2)).amax(dim=1)
-
-
 def _search_chunk(q_rep, q_ok, keys, key_ok, key_offset, range_end, iterations, n_nodes,
-                  block_k, representative):
-    rows = q_rep.shape[0]
-    gather_rows = max(1, _GATHER_ELEMENTS // (2 * n_nodes * block_k * max(keys.shape[-1], 1)))
+                  block_k, representative, min_range, aligned, per_key):
+    rows, _, dim = q_rep.shape
+    device = q_rep.device
     n_blocks = (range_end + block_k - 1) // block_k  # (rows,)
-    node = torch.arange(n_nodes + 1, device=q_rep.device)
-    # Positions fit in int32 (keys.shape[0] < 2^31 is checked by the caller's indexing):
-    # half the memory traffic of the integer work.
+    node = torch.arange(n_nodes + 1, device=device)
     bounds = (n_blocks[:, None] * node) // n_nodes
-    start, size = bounds[:, :-1], bounds[:, 1:] - bounds[:, :-1]
-    within = torch.arange(block_k, device=q_rep.device)
+    # Positions fit in int32 (the caller indexes fewer than 2^31 keys): half the memory
+    # traffic of the integer work.
+    start, size = bounds[:, :-1].int(), (bounds[:, 1:] - bounds[:, :-1]).int()
     # A missing representative becomes a copy of the first (which always exists): the max over
-    # representatives is unchanged and needs no mask.
-    q_rep = torch.where(q_ok[..., None], q_rep, q_rep[:, :1])
+    # representatives is unchanged and needs no mask. Stored transposed, (rows, D, R), so that
+    # the scores are one (2m b_k, D) x (D, R) product per row.
+    q_t = torch.where(q_ok[..., None], q_rep, q_rep[:, :1]).transpose(1, 2).contiguous()
+    # Aligned: keys are gathered a whole block at a time (keys viewed as (S / b_k, b_k D)).
+    # Per-key validity is needed only when some range ends inside a block or keys are padded.
+    table = keys.view(-1, block_k * dim) if aligned else keys
+    base = (key_offset // block_k if aligned else key_offset).int()
+    within = torch.arange(block_k, device=device, dtype=torch.int32)
+    width = 2 * n_nodes * block_k
+    sub = max(1, min(rows, _GATHER_ELEMENTS // (width * max(dim, 1))))
+    gathered = torch.empty(sub, width, dim, dtype=keys.dtype, device=device)
+    dots = torch.empty(sub, width, q_t.shape[-1], dtype=q_t.dtype, device=device)
+    min_blocks = -(-min_range // block_k)
     for it in range(iterations):
         half = size // 2
         child_start = torch.stack((start, start + half), dim=-1).flatten(1)  # (rows, 2m)
         child_size = torch.stack((half, size - half), dim=-1).flatten(1)
-        pos = _representative(child_start, child_size, representative)[..., None] * block_k
-        pos = pos + within  # (rows, 2m, block_k) key positions of the representative block
-        ok = (pos < range_end[:, None, None]) & (child_size > 0)[..., None]
-        flat = (key_offset[:, None, None] + torch.where(ok, pos, 0)).view(rows, -1)
+        rep = _representative(child_start, child_size, representative)
+        pos = rep[..., None] * block_k + within  # (rows, 2m, b_k) key positions
+        ok = (pos < range_end[:, None, None]) & (child_size > 0)[..., None] if per_key else None
+        if aligned:
+            index = base[:, None] + rep
+        else:
+            index = (base[:, None, None] + (pos if ok is None else torch.where(ok, pos, 0)))
+        index = index.view(rows, -1)
         if key_ok is not None:
-            ok = ok & key_ok[flat].view(ok.shape)
-        dots = torch.cat([_max_dots(q_rep[i:i + gather_rows], keys, flat[i:i + gather_rows])
-                          for i in range(0, rows, gather_rows)]).view(rows, -1, block_k)
-        score = dots.masked_fill(~ok, float("-inf")).amax(dim=2)  # (rows, 2m)
+            ok = ok & key_ok[(base[:, None, None] * block_k + pos) if aligned
+                             else index.view(ok.shape)]
+        parts = []
+        for i in range(0, rows, sub):
+            n = min(sub, rows - i)
+            torch.index_select(table, 0, index[i:i + n].view(-1),
+                               out=gathered[:n].view(-1, table.shape[-1]))
+            keys_n = gathered[:n].to(q_t.dtype)
+            torch.bmm(keys_n, q_t[i:i + n], out=dots[:n])  # (n, 2m b_k, R)
+            parts.append(dots[:n].amax(dim=2) if per_key
+                         else dots[:n].view(n, 2 * n_nodes, -1).amax(dim=2))
+        score = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if per_key:
+            score = score.view(rows, -1, block_k).masked_fill(~ok, float("-inf")).amax(dim=2)
+        else:
+            score = score.masked_fill(child_size == 0, float("-inf"))
         best = best_in_order(score, n_nodes)
-        active = ((n_nodes << it) < n_blocks)[:, None]
-        start = torch.where(active, child_start.gather(1, best), start)
-        size = torch.where(active, child_size.gather(1, best), size)
+        if (n_nodes << it) < min_blocks:
+            start, size = child_start.gather(1, best), child_size.gather(1, best)
+        else:
+            active = ((n_nodes << it) < n_blocks)[:, None]
+            start = torch.where(active, child_start.gather(1, best), start)
+            size = torch.where(active, child_size.gather(1, best), size)
     return start.long(), size == 1
 
 
 def search_blocks(q_rep: torch.Tensor, q_ok: torch.Tensor, keys: torch.Tensor,
                   key_offset: torch.Tensor, range_end: torch.Tensor, max_range: int, *,
                   n_nodes: int, block_k: int, representative: str,
-                  key_ok: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  key_ok: torch.Tensor | None = None, min_range: int = 0,
+                  row_length: int | None = None, aligned_ranges: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The tree search for every row at once.
 
     Args:
@@ -123,6 +147,11 @@ def search_blocks(q_rep: torch.Tensor, q_ok: torch.Tensor, keys: torch.Tensor,
         block_k: keys per block.
         representative: ``"center"`` or ``"first"``.
         key_ok: ``(S,)`` bool, False for padding keys (they never score), or None.
+        min_range: a lower bound of ``range_end`` (while every row still needs an iteration,
+            the bookkeeping for rows that do not is skipped).
+        row_length: when given, every ``key_offset`` is a multiple of it (lets the keys be
+            gathered a block at a time if ``block_k`` divides it).
+        aligned_ranges: every ``range_end`` is a multiple of ``block_k``.
 
     Returns:
         ``blocks (N, m)`` block indices (block ``b`` holds keys ``[b block_k, (b + 1) block_k)``)
@@ -132,9 +161,12 @@ def search_blocks(q_rep: torch.Tensor, q_ok: torch.Tensor, keys: torch.Tensor,
         rows = q_rep.shape[0]
         iterations = search_iterations(-(-max_range // block_k), n_nodes)
         chunk = max(1, _CHUNK_NODES // (2 * n_nodes * block_k))
+        aligned = (row_length is not None and row_length % block_k == 0
+                   and keys.shape[0] % block_k == 0)
+        per_key = key_ok is not None or not aligned_ranges
         parts = [_search_chunk(q_rep[i:i + chunk], q_ok[i:i + chunk], keys, key_ok,
                                key_offset[i:i + chunk], range_end[i:i + chunk], iterations,
-                               n_nodes, block_k, representative)
+                               n_nodes, block_k, representative, min_range, aligned, per_key)
                  for i in range(0, rows, chunk)]
         if len(parts) == 1:
             return parts[0]

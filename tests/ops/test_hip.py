@@ -41,6 +41,24 @@ def test_vectorised_search_equals_loop_reference(representative, padding, n_node
         assert sorted(blocks[row][valid[row]].tolist()) == want, f"row {row}"
 
 
+@pytest.mark.parametrize("representative", ["center", "first"])
+def test_block_aligned_search_equals_loop_reference(representative):
+    """The fast form (keys gathered a block at a time, ranges ending on block boundaries, as in
+    a prefill) returns the loop reference's indices too."""
+    length, block_k, n_nodes = 96, 3, 4
+    q_rep, q_ok, keys, _, _, _ = _random_search_inputs(length=length)
+    offset = torch.randint(0, 2, (12,)) * length
+    range_end = torch.randint(0, length // block_k + 1, (12,)) * block_k
+    blocks, valid = search_blocks(q_rep, q_ok, keys, offset, range_end, length,
+                                  n_nodes=n_nodes, block_k=block_k,
+                                  representative=representative, min_range=int(range_end.min()),
+                                  row_length=length, aligned_ranges=True)
+    expected = search_blocks_loop(q_rep, q_ok, keys, offset, range_end, n_nodes=n_nodes,
+                                  block_k=block_k, representative=representative)
+    for row, want in enumerate(expected):
+        assert sorted(blocks[row][valid[row]].tolist()) == want, f"row {row}"
+
+
 @pytest.mark.parametrize("n_best", [1, 5, 16, 31])
 def test_best_in_order_is_a_stable_sort_prefix(n_best):
     """Many ties (small integers and -inf): the kept indices are exactly the first n_best of a
@@ -78,6 +96,22 @@ def test_budget_above_length_is_dense_attention(causal):
                          sink=3, window=5)
     dense = subq.attention(q, k, v, method="dense", causal=causal)
     assert rel_rms(dense, out) <= 1e-12
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("length", [257, 333])
+def test_inference_path_equals_reference_and_autograd_path(causal, length):
+    """Without autograd the prefill takes the split form (sink + selected keys gathered,
+    window as a strided view, merged by log-sum-exp); it must equal the reference and the
+    single-softmax form that autograd uses, also with GQA and a partial last block."""
+    q, k, v = random_qkv(lq=length, dim=16)
+    options = dict(topk=16, block_q=8, block_k=4, sink=3, window=12)
+    fast = subq.attention(q, k, v, method="hip", causal=causal, **options)
+    ref = subq.reference(q, k, v, method="hip", causal=causal, **options)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    differentiable = subq.attention(*leaves, method="hip", causal=causal, **options)
+    assert rel_rms(ref, fast) <= 1e-12
+    assert rel_rms(differentiable.detach(), fast) <= 1e-12
 
 
 def test_sparse_when_budget_is_small():
