@@ -113,6 +113,10 @@ def train(cfg: RecallConfig) -> dict:
     start, history, seconds = 0, [], 0.0
     saved = load_if_exists(cfg.checkpoint_path())
     if saved is not None:
+        if saved["step"] > cfg.steps:
+            raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint to "
+                             f"resume ({saved['step']} in {cfg.checkpoint_path()}): its model "
+                             "is not the model of this budget")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
