@@ -24,10 +24,10 @@ import statistics
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 import subq
+from subq.bench.cab import efficiency_length, measured_crossover
 from subq.bench.memory import peak_bytes, run_in_child
 from subq.ops.kernelized_rpe import DEFAULT_FEATURES
 
@@ -73,15 +73,6 @@ def memory_job(name: str, length: int) -> int:
         return peak_bytes(fn)
 
 
-def efficiency_length(lengths: list[int], dense: list[float], mech: list[float]) -> float:
-    """Larger root of (quadratic fit of dense) - (line fit of the mechanism)."""
-    quad = np.polyfit(lengths, dense, 2)
-    line = np.polyfit(lengths, mech, 1)
-    roots = np.roots(quad - np.concatenate([[0.0], line]))
-    real = [r.real for r in roots if abs(r.imag) < 1e-9 and r.real > 0]
-    return max(real) if real else float("nan")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--length", type=int, default=16384)
@@ -113,9 +104,14 @@ def main() -> None:
     short = {name: [median_seconds(name, n, 5) for n in args.short]
              for name in ("dense/noncausal", "linear/noncausal", "kernelized_rpe/noncausal")}
     for method in ("linear", "kernelized_rpe"):
-        length = efficiency_length(args.short, short["dense/noncausal"],
+        fitted = efficiency_length(args.short, short["dense/noncausal"],
                                    short[f"{method}/noncausal"])
-        print(f"  {method:15s} {length:8.0f}")
+        crossover = measured_crossover(args.short, short["dense/noncausal"],
+                                       short[f"{method}/noncausal"])
+        fitted_text = "none (the fits do not cross)" if fitted is None else f"{fitted:.0f}"
+        measured_text = (f"not within {args.short}" if crossover is None
+                         else f"from L = {crossover}")
+        print(f"  {method:15s} fitted {fitted_text}; measured faster than SDPA {measured_text}")
 
 
 if __name__ == "__main__":
