@@ -56,9 +56,10 @@ from .reference import masked_attention, masked_weights
 DEFAULTS = dict(topk=512, block_q=32, block_k=2, query_stride=2, sink=16, window=256,
                 representative="center", refresh=8)
 # The attention builds key layouts for chunks of about _CHUNK_KEYS (row, key) pairs and gathers
-# keys and values for sub-chunks of about _GATHER_ELEMENTS elements (kept in cache).
-_CHUNK_KEYS = 1 << 17
-_GATHER_ELEMENTS = 1 << 19
+# keys and values for sub-chunks of about _GATHER_ELEMENTS elements (8 MiB in float32: in L3,
+# few enough ops that both cores are busy; see hip_mask's chunk sizes).
+_CHUNK_KEYS = 1 << 19
+_GATHER_ELEMENTS = 1 << 21
 
 
 def _n_nodes(topk: int, block_k: int) -> int:
