@@ -27,13 +27,15 @@ Three forms of the same function:
   ``exp(delta A)`` are only ever multiplied, never divided, so nothing overflows and a product
   underflows only where its true value is below the floating-point range (the closed form
   ``exp(S_t) cumsum(exp(-S_s) x_s)`` is not stable: it overflows once a chunk decays by ~88 nats
-  in float32). The sequence is processed in blocks of ``_BLOCK`` tokens with the state carried
-  between them, so the ``(B, L, N, D)`` states are never held whole: ``y_t = sum_n C_t h_t`` is
-  a batched matrix product per block. The backward pass is a custom autograd function: it
-  recomputes each block's states from the saved chunk entry states and runs the adjoint scan
-  ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` backwards with the same chunked machinery; then
-  ``dx_t = g_t`` and ``d(delta_t A) = g_t a_t h_{t-1}``. Memory is O(B N D (L / T + _BLOCK))
-  besides the ``(B, D, L)`` inputs and outputs.
+  in float32). The work runs in tiles of batch rows x ``_BLOCK`` tokens (about ``_TILE`` state
+  entries, so the tile's decays and states live in reused, cache-resident buffers and never in
+  freshly paged memory), the state carried across a row's tiles, so the ``(B, L, N, D)`` states
+  are never held whole: ``y_t = sum_n C_t h_t`` is a batched matrix product per tile. The
+  backward pass is a custom autograd function: it recomputes each tile's states from the saved
+  chunk entry states and runs the adjoint scan ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` backwards
+  with the same chunked machinery; then ``dx_t = g_t`` and ``d(delta_t A) = g_t a_t h_{t-1}``.
+  Memory is O(B N D L / T + _TILE) besides the inputs and outputs, which are made time-major
+  ``(B, L, D)`` once (free when the caller passes transposed views, as the Mamba mixer does).
 * :func:`selective_scan_step`: one token, for decoding.
 
 Half precision inputs are computed in float32; outputs have ``u``'s dtype, states the
