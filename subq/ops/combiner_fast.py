@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import masked_softmax
+from .common import masked_softmax, merge_weights
 
 # einsum forms that mix a probability group with its values on an (n, m) grid:
 # "row": key (r, e) of the query's own grid row; "col": key (s, c) of the query's grid column.
@@ -155,8 +155,7 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor, slice]], fused: bool) -
     for _, lse, rows in parts:
         start, stop, _ = rows.indices(n)
         lses.append(F.pad(lse, (0, 0, start, n - stop), value=float("-inf")))
-    total = torch.stack(lses).logsumexp(dim=0)
-    weights = [torch.exp(lse - total)[..., None] for lse in lses]
+    weights = [w[..., None] for w in merge_weights(lses)]
     first = parts[0][0]
     out = first.mul_(weights[0]) if fused else first * weights[0]
     for (part, _, rows), weight in zip(parts[1:], weights[1:], strict=True):

@@ -46,6 +46,15 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, length, d).reshape(b, h * groups, length, d)
 
 
+def merge_weights(lses: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Weights that merge softmaxes over disjoint key groups into their joint softmax:
+    ``w_g = exp(lse_g - logsumexp_g lse_g)``, so ``out = sum_g w_g out_g`` exactly, where
+    ``out_g`` and ``lse_g`` are group g's softmax output and log-sum-exp (equal shapes; a group
+    a row does not see has ``lse = -inf`` and weight 0)."""
+    total = torch.stack(lses).logsumexp(dim=0)
+    return [torch.exp(lse - total) for lse in lses]
+
+
 def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim restricted to ``allowed``; rows with nothing allowed are 0.
 

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import SELF_PATTERNS, Mechanism, Option
-from .common import accumulation_dtype, new_empty
+from .common import accumulation_dtype, merge_weights, new_empty
 from .hip_mask import REPRESENTATIVES, search_blocks, search_iterations
 from .reference import masked_attention, masked_weights
 
@@ -277,10 +277,8 @@ def _attend_split(q_rows, k, v, kv_rows, far, n_far, window, window_bias, scale)
                                                                 float("-inf"))[:, None, None]
             o_win, lse_win = flash(q_rows[i:i + n1 - n0, None], k_win, v_win, 0.0, False,
                                    attn_mask=mask, scale=scale)[:2]
-            top = torch.maximum(lse_far, lse_win[:, 0])
-            w_far = (lse_far - top).exp_()[..., None]
-            w_win = (lse_win[:, 0] - top).exp_()[..., None]
-            o_far.mul_(w_far).add_(o_win[:, 0] * w_win).div_(w_far + w_win)
+            w_far, w_win = merge_weights([lse_far, lse_win[:, 0]])
+            o_far.mul_(w_far[..., None]).addcmul_(o_win[:, 0], w_win[..., None])
             out[i:i + n1 - n0] = o_far
     return out
 
