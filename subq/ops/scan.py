@@ -36,6 +36,12 @@ Three forms of the same function:
   with the same chunked machinery; then ``dx_t = g_t`` and ``d(delta_t A) = g_t a_t h_{t-1}``.
   Memory is O(B N D L / T + _TILE) besides the inputs and outputs, which are made time-major
   ``(B, L, D)`` once (free when the caller passes transposed views, as the Mamba mixer does).
+  Without autograd (inference, or no input requiring a gradient) the same tile loop runs with
+  everything elementwise fused into it: each tile's ``delta`` is discretised, ``delta u``
+  formed, and ``(y + D u) silu(z)`` written to the output, all per tile in small reused
+  buffers, so no whole-sequence intermediate exists at all. The decays are computed as
+  ``2^(delta A log2 e)``: on the CPU torch's ``exp2`` costs half its ``exp``, and the decays
+  are the scan's one transcendental per state entry.
 * :func:`selective_scan_step`: one token, for decoding.
 
 Half precision inputs are computed in float32; outputs have ``u``'s dtype, states the
@@ -52,6 +58,7 @@ from .common import accumulation_dtype
 
 ScanResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
+_LOG2E = 1.4426950408889634  # log2(e): exp(x) = 2^(x log2(e))
 _CHUNK = 32  # tokens per chunk (T): the in-chunk loop runs T steps, the carry L / T
 _BLOCK = 256  # tokens per tile (a multiple of _CHUNK)
 _TILE = 1 << 20  # about this many (token, N, D) state entries per tile buffer (4 MiB float32)
@@ -233,16 +240,17 @@ def _scan_chunks(a: torch.Tensor, x: torch.Tensor, h: torch.Tensor
 
     Returns the entry state of every chunk ``(B, K, ...)`` and the state after the last token.
     """
+    xs, as_ = x.unbind(2), a.unbind(2)
     for t in range(1, x.shape[2]):
-        x[:, :, t].addcmul_(a[:, :, t], x[:, :, t - 1])
-        a[:, :, t].mul_(a[:, :, t - 1])
-    entries = []
-    for k in range(x.shape[1]):
-        entries.append(h)
-        h = torch.addcmul(x[:, k, -1], a[:, k, -1], h)
-    entries = torch.stack(entries, dim=1)
-    x.addcmul_(a, entries[:, :, None])
-    return entries, h
+        xs[t].addcmul_(as_[t], xs[t - 1])
+        as_[t].mul_(as_[t - 1])
+    entries = x.new_empty(x.shape[0], x.shape[1] + 1, *x.shape[3:])
+    entries[:, 0] = h
+    for k, (x_end, a_end) in enumerate(zip(xs[-1].unbind(1), as_[-1].unbind(1),
+                                                     strict=True)):
+        torch.addcmul(x_end, a_end, entries[:, k], out=entries[:, k + 1])
+    x.addcmul_(a, entries[:, :-1, None])
+    return entries[:, :-1], entries[:, -1]
 
 
 def _adjoint_chunks(a: torch.Tensor, g: torch.Tensor, r: torch.Tensor, rcum: torch.Tensor
@@ -276,10 +284,15 @@ def _per_group(h: torch.Tensor, groups: int) -> torch.Tensor:
     return h[:, :, None] if groups == 1 else h.unflatten(3, (groups, -1)).transpose(2, 3)
 
 
-def _sum_n(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def _sum_n(h: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_n c[b, s, d // (D / G), n] h[b, s, n, d]``: ``h (B, S, N, D)``, ``c (B|1, S|1,
-    G, N)`` -> ``(B, S, D)`` (a batched matrix product)."""
-    return torch.matmul(c[..., None, :], _per_group(h, c.shape[2])).flatten(2)
+    G, N)`` -> ``(B, S, D)`` (a batched matrix product), into ``out`` if given."""
+    groups = c.shape[2]
+    if out is None:
+        return torch.matmul(c[..., None, :], _per_group(h, groups)).flatten(2)
+    torch.matmul(c[..., None, :], _per_group(h, groups),
+                 out=out.unflatten(2, (groups, 1, -1)))
+    return out
 
 
 def _sum_d(w: torch.Tensor, h: torch.Tensor, groups: int, scratch: torch.Tensor
@@ -325,14 +338,13 @@ def _accumulate(grad: torch.Tensor, block: torch.Tensor, full: torch.Tensor, row
         grad[rows] += block
 
 
-def _tile_terms(delta: torch.Tensor, u: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor,
-                rows: slice, start: int, decay: torch.Tensor, drive: torch.Tensor) -> None:
-    """Write the decays ``exp(delta_t A)`` and drives ``delta_t B_t u_t`` ``(b, S, N, D)`` of
-    batch ``rows`` and tokens ``start:start + S`` into ``decay`` and ``drive``."""
-    stop = start + decay.shape[1]
-    dl = delta[rows, start:stop]
-    torch.mul(dl[:, :, None], A, out=decay).exp_()
-    _outer(_tile(Bm, rows, start, stop), dl * u[rows, start:stop], out=drive)
+def _tile_terms(dl: torch.Tensor, weight: torch.Tensor, A2: torch.Tensor, Bb: torch.Tensor,
+                decay: torch.Tensor, drive: torch.Tensor) -> None:
+    """Write a tile's decays ``exp(delta_t A) = 2^(delta_t A log2(e))`` and drives
+    ``delta_t B_t u_t`` ``(b, S, N, D)`` into ``decay`` and ``drive``: ``dl (b, S, D)``,
+    ``weight = delta_t u_t (b, S, D)``, ``A2 = A log2(e) (N, D)``, ``Bb (b|1, S|1, G, N)``."""
+    torch.mul(dl[:, :, None], A2, out=decay).exp2_()
+    _outer(Bb, weight, out=drive)
 
 
 def _tile(x: torch.Tensor, rows: slice, start: int, stop: int) -> torch.Tensor:
@@ -349,6 +361,40 @@ def _tiles(batch: int, length: int, state: tuple[int, ...]):
             for start, stop in _blocks(length)]
 
 
+def _forward_tiles(inputs, emit, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
+                   h0: torch.Tensor, length: int, entries: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """The forward scan, tile by tile (batch rows x token blocks), the state carried across a
+    row's blocks; returns the state after the last token ``(B, N, D)``.
+
+    ``inputs(rows, start, stop, weight)`` returns the tile's discretised ``delta`` ``(b, S, D)``
+    and writes ``delta u`` into the buffer ``weight (b, S, D)``; ``emit(rows, start, stop, y)``
+    receives its ``y = sum_n C_t h_t`` ``(b, S, D)`` (a reused buffer).
+    ``A (N, D)``, ``B, C (B|1, L|1, G, N)``, ``h0 (B, N, D)``, ``length`` a multiple of
+    ``_CHUNK``; ``entries (B, L / _CHUNK, N, D)``, if given, receives every chunk's entry state.
+    Each tile's ``(b, S, N, D)`` terms live in two reused buffers.
+    """
+    batch, chunk = h0.shape[0], _CHUNK
+    tiles = _tiles(batch, length, A.shape)
+    shape = (tiles[0][0].stop - tiles[0][0].start, tiles[0][2] - tiles[0][1], *A.shape)
+    decay_buf, drive_buf = h0.new_empty(shape), h0.new_empty(shape)
+    weight_buf, y_buf = (h0.new_empty(shape[:2] + A.shape[1:]) for _ in range(2))
+    last, A2 = torch.empty_like(h0), A * _LOG2E
+    for rows, start, stop in tiles:
+        size = (rows.stop - rows.start, stop - start)
+        decay, drive = decay_buf[:size[0], :size[1]], drive_buf[:size[0], :size[1]]
+        weight = weight_buf[:size[0], :size[1]]
+        dl = inputs(rows, start, stop, weight)
+        _tile_terms(dl, weight, A2, _tile(Bm, rows, start, stop), decay, drive)
+        tile_entries, last[rows] = _scan_chunks(_chunked(decay, chunk), _chunked(drive, chunk),
+                                                h0[rows] if start == 0 else last[rows])
+        if entries is not None:
+            entries[rows, start // chunk:stop // chunk] = tile_entries
+        emit(rows, start, stop,
+             _sum_n(drive, _tile(Cm, rows, start, stop), out=y_buf[:size[0], :size[1]]))
+    return last
+
+
 class _SelectiveScan(torch.autograd.Function):
     """``y (B, L, D) = sum_n C_t h_t`` and the last state ``(B, N, D)``, all time-major:
     ``delta, u (B, L, D)`` (L a multiple of ``_CHUNK``), ``A (N, D)``, ``B, C (B|1, L|1, G,
@@ -358,21 +404,17 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, delta, u, A, Bm, Cm, h0):
         batch, length = delta.shape[:2]
-        chunk, tiles = _CHUNK, _tiles(batch, length, A.shape)
-        shape = (tiles[0][0].stop - tiles[0][0].start, tiles[0][2] - tiles[0][1], *A.shape)
-        decay_buf, drive_buf = delta.new_empty(shape), delta.new_empty(shape)
         y = torch.empty_like(delta)
-        entries = delta.new_empty(batch, length // chunk, *A.shape)
-        last = torch.empty_like(h0)
-        for rows, start, stop in tiles:
-            size = (rows.stop - rows.start, stop - start)
-            decay, drive = decay_buf[:size[0], :size[1]], drive_buf[:size[0], :size[1]]
-            h = h0[rows] if start == 0 else last[rows]
-            _tile_terms(delta, u, A, Bm, rows, start, decay, drive)
-            tile_entries, last[rows] = _scan_chunks(_chunked(decay, chunk),
-                                                    _chunked(drive, chunk), h)
-            entries[rows, start // chunk:stop // chunk] = tile_entries
-            y[rows, start:stop] = _sum_n(drive, _tile(Cm, rows, start, stop))
+        entries = delta.new_empty(batch, length // _CHUNK, *A.shape)
+
+        def inputs(rows, start, stop, weight):
+            torch.mul(delta[rows, start:stop], u[rows, start:stop], out=weight)
+            return delta[rows, start:stop]
+
+        def emit(rows, start, stop, y_tile):
+            y[rows, start:stop] = y_tile
+
+        last = _forward_tiles(inputs, emit, A, Bm, Cm, h0, length, entries)
         ctx.save_for_backward(delta, u, A, Bm, Cm, entries)
         return y, last
 
@@ -384,10 +426,11 @@ class _SelectiveScan(torch.autograd.Function):
         chunk, tiles = _CHUNK, _tiles(batch, length, A.shape)
         shape = (tiles[0][0].stop - tiles[0][0].start, tiles[0][2] - tiles[0][1], *A.shape)
         decay_buf, g_buf, rcum_buf = (delta.new_empty(shape) for _ in range(3))
+        weight_buf = delta.new_empty(shape[:2] + A.shape[1:])
         buf = delta.new_empty(shape[0], shape[1] + 1, *shape[2:])
         ddelta, du = torch.empty_like(delta), torch.empty_like(u)
         dA, dB, dC = torch.zeros_like(A), torch.zeros_like(Bm), torch.zeros_like(Cm)
-        dh0 = torch.empty_like(dh_last)
+        dh0, A2 = torch.empty_like(dh_last), A * _LOG2E
         for rows, start, stop in reversed(tiles):
             size, first = (rows.stop - rows.start, stop - start), start // chunk
             r = dh_last[rows] if stop == length else dh0[rows]
@@ -397,19 +440,21 @@ class _SelectiveScan(torch.autograd.Function):
             # States, recomputed from the saved chunk entry states: buf[:, s + 1] = h_s.
             states = buf[:size[0], 1:size[1] + 1]
             previous = buf[:size[0], :size[1]]
-            _tile_terms(delta, u, A, Bm, rows, start, decay, states)
+            weight = torch.mul(dl, ub, out=weight_buf[:size[0], :size[1]])
+            _tile_terms(dl, weight, A2, Bb, decay, states)
             a, h = _chunked(decay, chunk), _chunked(states, chunk)
             tile_entries = entries[rows, first:first + h.shape[1]]
             buf[:size[0], 0] = tile_entries[:, 0]
             h[:, :, 0].addcmul_(a[:, :, 0], tile_entries)
+            hs, as_ = h.unbind(2), a.unbind(2)
             for t in range(1, chunk):
-                h[:, :, t].addcmul_(a[:, :, t], h[:, :, t - 1])
+                hs[t].addcmul_(as_[t], hs[t - 1])
             dC_tile = _sum_d(dyb, states, Cm.shape[2], scratch=g)
             _outer(Cb, dyb, out=g)
             rcum = rcum_buf[:size[0], :size[1]]
             dh0[rows] = _adjoint_chunks(a, _chunked(g, chunk), r, _chunked(rcum, chunk))
             gB = _sum_n(g, Bb)
-            _accumulate(dB, _sum_d(dl * ub, g, Bm.shape[2], scratch=rcum), Bm, rows, start, stop)
+            _accumulate(dB, _sum_d(weight, g, Bm.shape[2], scratch=rcum), Bm, rows, start, stop)
             _accumulate(dC, dC_tile, Cm, rows, start, stop)
             dlog_decay = g.mul_(decay).mul_(previous)  # d loss / d (delta_t A)
             ddelta[rows, start:stop] = torch.mul(dlog_decay, A, out=rcum).sum(2) + ub * gB
@@ -484,6 +529,74 @@ def _time_major_bc(x: torch.Tensor, padded: int, acc: torch.dtype) -> torch.Tens
     return _pad_time(x.permute(0, 3, 1, 2), padded).contiguous()
 
 
+def _fused_forward(u, delta, A, Bm, Cm, h0, D, z, delta_bias, delta_softplus, acc
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward without autograd, every elementwise step done per tile, so that no
+    whole-sequence intermediate is allocated: a tile's ``delta`` is discretised and multiplied
+    by ``u`` in the caller's layout (a channel-major block ``(b, D, S)`` of ``(B, D, L)``, or
+    a time-major view), only ``delta`` and ``delta u`` are made time-major for the scan, and
+    ``(y + D u) silu(z)`` is formed back in the caller's layout and written straight into the
+    output (a transposed block of a long tensor is best copied between small contiguous
+    buffers: three such copies per tile instead of one per input). Arguments as
+    :class:`_SelectiveScan` takes them (``A``, ``B``, ``C``, ``h0`` time-major) plus
+    :func:`selective_scan`'s raw ones; returns ``out (B, D, L)`` and the last state
+    ``(B, N, D)``."""
+    length, padded = u.shape[2], _padded_length(u.shape[2])
+    time_major = u.transpose(1, 2).is_contiguous()
+    out = torch.empty_like(u.transpose(1, 2)).transpose(1, 2) if time_major \
+        else torch.empty_like(u)
+    skip = None if D is None else D.to(acc)[:, None]
+    bias = None if delta_bias is None else delta_bias.to(acc)[:, None]
+    rows0, start0, stop0 = _tiles(u.shape[0], padded, A.shape)[0]
+    shape = (rows0.stop - rows0.start, u.shape[1], stop0 - start0)  # (b, D, S)
+
+    def caller_layout():
+        """A ``(b, D, S)`` buffer stored like the caller's tensors."""
+        return h0.new_empty(shape) if not time_major \
+            else h0.new_empty(shape[0], shape[2], shape[1]).transpose(1, 2)
+
+    dl_raw, dl_buf, w_buf, y_buf, gate_buf = (caller_layout() for _ in range(5))
+    dl_tm = h0.new_empty(shape[0], shape[2], shape[1])
+    tile_sizes = {}
+
+    def inputs(rows, start, stop, weight):
+        b, real = rows.stop - rows.start, min(stop, length) - start
+        tile_sizes[start] = b, real
+        dl = dl_buf[:b, :, :stop - start]
+        if bias is not None or delta_softplus:
+            raw = dl_raw[:b, :, :real]
+            torch.add(delta[rows, :, start:start + real], bias, out=raw) if bias is not None \
+                else raw.copy_(delta[rows, :, start:start + real])
+            if delta_softplus:
+                torch.ops.aten.softplus.out(raw, 1, 20, out=dl[:, :, :real])
+            else:
+                dl[:, :, :real] = raw
+        else:
+            dl[:, :, :real] = delta[rows, :, start:start + real]
+        dl[:, :, real:] = 0.0
+        w = w_buf[:b, :, :stop - start]
+        torch.mul(dl[:, :, :real], u[rows, :, start:start + real], out=w[:, :, :real])
+        w[:, :, real:] = 0.0
+        weight.copy_(w.transpose(1, 2))
+        return dl_tm[:b, :stop - start].copy_(dl.transpose(1, 2))
+
+    def emit(rows, start, stop, y):
+        b, real = tile_sizes.pop(start)
+        y_c = y_buf[:b, :, :real]
+        y_c.copy_(y[:, :real].transpose(1, 2))
+        if skip is not None:
+            y_c.addcmul_(u[rows, :, start:start + real], skip)
+        target = out[rows, :, start:start + real]
+        if z is None:
+            target.copy_(y_c)
+        else:
+            gate = F.silu(gate_buf[:b, :, :real].copy_(z[rows, :, start:start + real]),
+                          inplace=True)
+            torch.mul(y_c, gate, out=target)
+
+    return out, _forward_tiles(inputs, emit, A, Bm, Cm, h0, padded)
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -525,11 +638,16 @@ def selective_scan(
         out = u.new_zeros(u.shape)
         return (out, state0) if return_last_state else out
     padded = _padded_length(length)
+    A_t, state0_t = A.to(acc).T.contiguous(), state0.transpose(1, 2).contiguous()
+    B_t, C_t = _time_major_bc(B, padded, acc), _time_major_bc(C, padded, acc)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)):
+        out, last = _fused_forward(u, delta, A_t, B_t, C_t, state0_t, D, z, delta_bias,
+                                   delta_softplus, acc)
+        return (out, last.transpose(1, 2)) if return_last_state else out
     delta_t = _discretise_delta(_swap_last(delta), delta_bias, delta_softplus, acc)
     u_t = _swap_last(u, acc)
-    y, last = _SelectiveScan.apply(_pad_time(delta_t, padded), _pad_time(u_t, padded),
-                                   A.to(acc).T.contiguous(), _time_major_bc(B, padded, acc),
-                                   _time_major_bc(C, padded, acc),
-                                   state0.transpose(1, 2).contiguous())
+    y, last = _SelectiveScan.apply(_pad_time(delta_t, padded), _pad_time(u_t, padded), A_t,
+                                   B_t, C_t, state0_t)
     out = _output(_layout_like(y[:, :length], u), u, D, z, acc)
     return (out, last.transpose(1, 2)) if return_last_state else out

@@ -237,6 +237,31 @@ def test_many_chunks_and_blocks_values_and_gradients(small_chunks, layout, lengt
         assert rel_rms(ref, fast) <= 1e-10
 
 
+@pytest.mark.parametrize("time_major", [False, True], ids=["channel-major", "time-major"])
+@pytest.mark.parametrize("options", ["none", "all", "softplus-only", "bias-only"])
+@pytest.mark.parametrize("length", [5, 37])
+def test_inference_path_equals_reference(small_chunks, time_major, options, length):
+    """Without autograd the scan runs its fused tile-by-tile path (discretisation, skip and gate
+    per tile, in the caller's layout): == the reference loop, for inputs stored channel-major
+    ``(B, D, L)`` or as time-major views, every optional part on or off."""
+    args, kwargs = _inputs(batch=3, n=3, length=length, layout="grouped")
+    kwargs = {"none": {}, "all": kwargs,
+              "softplus-only": dict(delta_softplus=True),
+              "bias-only": dict(delta_bias=kwargs["delta_bias"].abs())}[options]
+    if not kwargs.get("delta_softplus"):  # positive steps, so that the states stay finite
+        args[1] = args[1].abs()
+    if time_major:
+        args = [x.transpose(1, 2).contiguous().transpose(1, 2) if i < 2 else x
+                for i, x in enumerate(args)]
+        if "z" in kwargs:
+            kwargs["z"] = kwargs["z"].transpose(1, 2).contiguous().transpose(1, 2)
+    ref, ref_last = selective_scan_reference(*args, return_last_state=True, **kwargs)
+    with torch.no_grad():
+        out, last = selective_scan(*args, return_last_state=True, **kwargs)
+    assert out.shape == ref.shape and out.stride() == args[0].stride()
+    assert rel_rms(ref, out) <= 1e-10 and rel_rms(ref_last, last) <= 1e-10
+
+
 def test_gradcheck_many_blocks(small_chunks):
     """gradcheck of the custom backward over 3 blocks (one partial chunk), final state too."""
     args, kwargs = _inputs(batch=2, channels=4, n=2, length=19, layout="grouped")
