@@ -2,14 +2,17 @@
 (B=1, H=8, D=64, float32, topk=512, paper defaults otherwise), and one decode step at a 32K
 context (HiP amortised over a refresh period vs SDPA over the full cache).
 
-Each measurement runs in a fresh subprocess (``--repeats`` times; the medians are reported);
-the time is that of a second full-size call (the first, also reported, pays one-time costs);
-memory is the growth of the peak resident set during the first call (``ru_maxrss``), inputs
-excluded.
+Each measurement runs in a fresh subprocess (``--repeats`` times). Prefill: the medians are
+reported; the time is that of a second full-size call (the first, also reported, pays one-time
+costs); memory is the growth of the peak resident set during the first call (``ru_maxrss``),
+inputs excluded. Decode: HiP and SDPA are timed interleaved in one process (each refresh period
+of HiP steps followed by as many dense steps; medians over the periods after the first), and
+every process's ratio is printed.
 ``--clock cpu`` times with the process's CPU time instead of the wall clock: on a loaded
 machine, with one thread, it leaves out the time other processes hold the core.
 
     python benchmarks/hip_speed.py --lengths 16384 32768 --threads 2 --repeats 3
+    python benchmarks/hip_speed.py --lengths 32768 --decode-only --repeats 5
 """
 
 from __future__ import annotations
@@ -60,36 +63,46 @@ def _prefill(method: str, length: int) -> dict:
     return {"seconds": clock() - start, "first_seconds": first, "peak_mib": peak}
 
 
-def _decode(method: str, length: int, refresh: int = 8) -> dict:
+def _decode(length: int, refresh: int = 8, periods: int = 6) -> dict:
+    """HiP and SDPA decode steps at context ``length``, interleaved in one process: per
+    refresh period, ``refresh`` HiP steps (the first re-runs the search), then ``refresh``
+    dense steps (one query over the full cache). Medians over the periods after the first."""
     q, k, v = (torch.randn(1, 8, length, 64) for _ in range(3))
+    # A cache holding all but (periods + 1) refresh periods of tokens (its buffer already has
+    # room for the rest) and the last block_q queries.
+    first = length - (periods + 1) * refresh
+    state = HipCache(k.clone(), v.clone(), first, q[:, :, first - 32:first])
+    hip, sdpa = [], []
     with torch.inference_mode():
-        if method == "sdpa":
-            F.scaled_dot_product_attention(q[:, :, -1:], k, v)
+        F.scaled_dot_product_attention(q[:, :, -1:], k, v)
+        for t0 in range(first, length, refresh):
+            start = clock()
+            for t in range(t0, t0 + refresh):
+                subq.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state,
+                          method="hip", refresh=refresh)
+            hip.append((clock() - start) / refresh)
             start = clock()
             for t in range(refresh):
                 F.scaled_dot_product_attention(q[:, :, -1 - t:length - t], k, v)
-            return {"seconds": (clock() - start) / refresh}
-        # A cache holding the first length - 2 refresh tokens (its buffer already has room for
-        # the rest) and the last block_q queries; one refresh period warms up, the next is
-        # timed (its first step re-runs the search).
-        first = length - 2 * refresh
-        state = HipCache(k.clone(), v.clone(), first, q[:, :, first - 32:first])
-        for t in range(first, length):
-            if t == length - refresh:
-                start = clock()
-            subq.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state, method="hip",
-                      refresh=refresh)
-        return {"seconds": (clock() - start) / refresh}
+            sdpa.append((clock() - start) / refresh)
+    hip_s, sdpa_s = statistics.median(hip[1:]), statistics.median(sdpa[1:])
+    return {"hip": hip_s, "sdpa": sdpa_s, "ratio": sdpa_s / hip_s}
 
 
-def _child(kind: str, method: str, length: int, threads: int, repeats: int, clock_name: str
-           ) -> dict:
+def _child_runs(kind: str, method: str, length: int, threads: int, repeats: int,
+                clock_name: str) -> list[dict]:
     runs = []
     for _ in range(repeats):
         out = subprocess.run([sys.executable, __file__, "--child", kind, method, str(length),
                               "--threads", str(threads), "--clock", clock_name],
                              capture_output=True, text=True, check=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def _child(kind: str, method: str, length: int, threads: int, repeats: int, clock_name: str
+           ) -> dict:
+    runs = _child_runs(kind, method, length, threads, repeats, clock_name)
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
@@ -99,6 +112,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--decode-only", action="store_true", help="skip the prefill timings")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "METHOD", "LENGTH"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,12 +120,12 @@ def main() -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.child:
         kind, method, length = args.child
-        fn = _prefill if kind == "prefill" else _decode
-        print(json.dumps(fn(method, int(length))))
+        out = _prefill(method, int(length)) if kind == "prefill" else _decode(int(length))
+        print(json.dumps(out))
         return
     print(f"# causal, B=1 H=8 D=64 float32, hip defaults (topk=512), {args.threads} threads, "
           f"median of {args.repeats}, {args.clock} clock")
-    for length in args.lengths:
+    for length in [] if args.decode_only else args.lengths:
         hip, sdpa = (_child("prefill", m, length, args.threads, args.repeats, args.clock)
                      for m in ("hip", "sdpa"))
         print(f"prefill T={length}: hip {hip['seconds']:.2f}s (first call "
@@ -121,11 +135,10 @@ def main() -> None:
               f"{sdpa['seconds'] / hip['seconds']:.2f}x, memory "
               f"{sdpa['peak_mib'] / max(hip['peak_mib'], 1):.2f}x", flush=True)
     length = max(args.lengths)
-    hip, sdpa = (_child("decode", m, length, args.threads, args.repeats, args.clock)
-                 for m in ("hip", "sdpa"))
-    print(f"decode step at {length}: hip {hip['seconds'] * 1e3:.2f}ms (amortised over refresh 8)"
-          f" | sdpa {sdpa['seconds'] * 1e3:.2f}ms | speed-up "
-          f"{sdpa['seconds'] / hip['seconds']:.2f}x")
+    for run in _child_runs("decode", "both", length, args.threads, args.repeats, args.clock):
+        print(f"decode step at {length}: hip {run['hip'] * 1e3:.2f}ms (amortised over refresh 8)"
+              f" | sdpa {run['sdpa'] * 1e3:.2f}ms | speed-up {run['ratio']:.2f}x "
+              "(one process, interleaved)", flush=True)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ every ``refresh`` steps (at ``t = 0, r_m, 2 r_m, ...``) it re-runs the search fo
 query as a block starting at ``s = t`` and reuses the mask until the next refresh, the window
 ``[s - w, t]`` covering the new tokens. With ``refresh == block_q`` stepping equals the causal
 prefill exactly. A step costs O((sink + topk + w + refresh) D), plus the search every
-``refresh`` steps: O(topk D (b_q / b_sq) log(t / topk)), never O(t^2). The far keys and values
-are gathered once per refresh; a step reads the window as a slice of the cache.
+``refresh`` steps: O(topk D (b_q / b_sq) log(t / topk)), never O(t^2). At a refresh the far
+keys and values of every query head are gathered, and the window copied after them, into
+buffers of the state (reused across refreshes); a step appends its key and value there and
+attends with one fused SDPA call.
 """
 
 from __future__ import annotations
@@ -411,19 +413,24 @@ def weights(q, k, *, causal=False, cross=False, scale=None, key_padding_mask=Non
 class HipCache:
     """Decoding state: the KV cache ``(B, Hkv, capacity, D)`` (the first ``length`` positions
     are real; it is written in place and doubles when full), the last ``block_q`` queries
-    ``(B, Hq, <= block_q, D)``, the mask chosen at the last refresh (at position ``start``)
-    and, gathered then, the far keys and values ``(B * Hq, sink + m b_k, D)`` of every query
-    row with their additive mask ``(B * Hq, 1, sink + m b_k)``."""
+    ``(B, Hq, <= block_q, D)``, the position ``start`` of the last refresh and, per query head,
+    the keys and values a step attends to, ``attend_keys (B, Hq, n_far + w + refresh, D)``:
+    the ``n_far = sink + m b_k`` far keys gathered at the refresh, then the window
+    ``[start - w, t]``, appended to at every step; ``attend_bias (B, Hq, 1, same)`` is the
+    additive mask (``-inf`` on far keys that do not count). The buffers are reused across
+    refreshes; ``scratch_*`` receive the far keys' gather."""
 
     keys: torch.Tensor
     values: torch.Tensor
     length: int = 0
     queries: torch.Tensor | None = None
-    selection: _Blocks | None = None
     start: int = 0
-    far_keys: torch.Tensor | None = None
-    far_values: torch.Tensor | None = None
-    far_bias: torch.Tensor | None = None
+    n_far: int = 0
+    attend_keys: torch.Tensor | None = None
+    attend_values: torch.Tensor | None = None
+    attend_bias: torch.Tensor | None = None
+    scratch_keys: torch.Tensor | None = None
+    scratch_values: torch.Tensor | None = None
 
 
 def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, **options) -> HipCache:
@@ -444,8 +451,8 @@ def _append(state: HipCache, k_t: torch.Tensor, v_t: torch.Tensor) -> None:
     state.length = t + 1
 
 
-def _refresh(state: HipCache, t: int, kv_row: torch.Tensor, *, topk, block_q, block_k,
-             query_stride, window, representative) -> _Blocks:
+def _search_at(state: HipCache, t: int, kv_row: torch.Tensor, *, topk, block_q, block_k,
+               query_stride, window, representative) -> _Blocks:
     """The tree search for a block starting at the current position ``t``."""
     rows, dim = kv_row.shape[0], state.keys.shape[-1]
     acc = accumulation_dtype(state.keys.dtype)
@@ -465,59 +472,77 @@ def _refresh(state: HipCache, t: int, kv_row: torch.Tensor, *, topk, block_q, bl
     return _Blocks(start, range_end, blocks, valid)
 
 
+def _load(state: HipCache, sel: _Blocks, kv_row: torch.Tensor, t: int, *, block_k: int,
+          sink: int, window: int, refresh: int, acc: torch.dtype) -> None:
+    """At a refresh: gather the far keys and values (sink and selected blocks, all
+    ``< t - w``) of every query head into the attended buffers, set their mask, and copy the
+    window ``[t - w, t]`` after them."""
+    batch, kv_heads, capacity, dim = state.keys.shape
+    q_heads, dv = kv_row.shape[0] // batch, state.values.shape[-1]
+    pos, ok = _far_layout(sel, block_k=block_k, sink=sink, window=window, span=refresh,
+                          causal=True)
+    n_far = pos.shape[1]
+    width = n_far + window + refresh
+    if state.attend_keys is None or state.attend_keys.shape[2] != width:
+        device = state.keys.device
+        state.attend_keys = torch.empty(batch, q_heads, width, dim, dtype=acc, device=device)
+        state.attend_values = torch.empty(batch, q_heads, width, dv, dtype=acc, device=device)
+        state.attend_bias = torch.zeros(batch, q_heads, 1, width, dtype=acc, device=device)
+        state.scratch_keys = torch.empty(kv_row.shape[0] * n_far, dim, dtype=state.keys.dtype,
+                                         device=device)
+        state.scratch_values = torch.empty(kv_row.shape[0] * n_far, dv,
+                                           dtype=state.values.dtype, device=device)
+    index = ((kv_row * capacity)[:, None] + torch.where(ok, pos, 0)).view(-1)
+    torch.index_select(state.keys.view(-1, dim), 0, index, out=state.scratch_keys)
+    torch.index_select(state.values.view(-1, dv), 0, index, out=state.scratch_values)
+    state.attend_keys[:, :, :n_far] = state.scratch_keys.view(batch, q_heads, n_far, dim)
+    state.attend_values[:, :, :n_far] = state.scratch_values.view(batch, q_heads, n_far, dv)
+    state.attend_bias[:, :, 0, :n_far] = torch.where(ok, 0.0, float("-inf")).view(
+        batch, q_heads, n_far)
+    lo, groups = max(0, t - window), q_heads // kv_heads
+    state.attend_keys.view(batch, kv_heads, groups, width, dim)[
+        :, :, :, n_far:n_far + t + 1 - lo] = state.keys[:, :, None, lo:t + 1]
+    state.attend_values.view(batch, kv_heads, groups, width, dv)[
+        :, :, :, n_far:n_far + t + 1 - lo] = state.values[:, :, None, lo:t + 1]
+    state.start, state.n_far = t, n_far
+
+
 def step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: HipCache, *,
          scale: float | None = None, topk: int = 512, block_q: int = 32, block_k: int = 2,
          query_stride: int = 2, sink: int = 16, window: int = 256,
          representative: str = "center", refresh: int = 8) -> tuple[torch.Tensor, HipCache]:
     """One causal decoding step: append ``(k_t, v_t)`` (``(B, Hkv, 1, D)``), re-run the search
-    if ``t % refresh == 0``, attend ``q_t (B, Hq, 1, D)`` to sink, selected blocks and window
-    ``[s - w, t]``. Returns ``((B, Hq, 1, Dv), state)``; the state is updated in place."""
+    if ``t % refresh == 0`` (or the state has no selection yet), attend ``q_t (B, Hq, 1, D)``
+    to sink, selected blocks and window
+    ``[s - w, t]`` with one fused softmax over the state's buffers. Returns
+    ``((B, Hq, 1, Dv), state)``; the state is updated in place."""
     batch, q_heads, _, dim = q_t.shape
     kv_heads = k_t.shape[1]
     scale = dim ** -0.5 if scale is None else scale
+    acc = accumulation_dtype(q_t.dtype)
     t = state.length
     _append(state, k_t, v_t)
     queries = q_t if state.queries is None else torch.cat((state.queries, q_t), dim=2)
     state.queries = queries[:, :, -block_q:]
-    kv_row = _kv_rows(batch, kv_heads, q_heads // kv_heads, q_t.device)
-    acc = accumulation_dtype(q_t.dtype)
-    if t % refresh == 0:
-        state.selection = _refresh(state, t, kv_row, topk=topk, block_q=block_q,
-                                   block_k=block_k, query_stride=query_stride, window=window,
-                                   representative=representative)
-        _gather_far(state, kv_row, block_k=block_k, sink=sink, window=window, span=refresh,
-                    dtype=acc)
-    # The window [s - w, t] is a slice of the cache (no mask: every key in it is <= t); the
-    # far keys (all < s - w) were gathered at the refresh. One softmax over both.
-    lo = max(0, state.start - window)
-    groups, n_far = q_heads // kv_heads, state.far_keys.shape[1]
-    q_g = q_t.to(acc).reshape(batch, kv_heads, groups, dim)
-    k_win = state.keys[:, :, lo:t + 1].to(acc)
-    v_win = state.values[:, :, lo:t + 1].to(acc)
-    far = torch.bmm(q_g.reshape(-1, 1, dim), state.far_keys.transpose(1, 2))
-    near = torch.matmul(q_g, k_win.transpose(-1, -2)).reshape(batch * q_heads, 1, -1)
-    weights_t = torch.softmax(torch.cat((far * scale + state.far_bias, near * scale), dim=-1),
-                              dim=-1)
-    out = torch.bmm(weights_t[..., :n_far], state.far_values) + torch.matmul(
-        weights_t[..., n_far:].reshape(batch, kv_heads, groups, -1), v_win
-    ).reshape(batch * q_heads, 1, -1)
-    return out.reshape(batch, q_heads, 1, -1).to(q_t.dtype), state
-
-
-def _gather_far(state: HipCache, kv_row: torch.Tensor, *, block_k: int, sink: int, window: int,
-                span: int, dtype: torch.dtype) -> None:
-    """At a refresh: gather the far keys and values (sink and selected blocks, all ``< s - w``)
-    of every query row ``(B * Hq, sink + m b_k, D)`` once, with their additive mask, for the
-    steps until the next refresh."""
-    pos, ok = _far_layout(state.selection, block_k=block_k, sink=sink, window=window,
-                          span=span, causal=True)
-    index = (kv_row * state.keys.shape[2])[:, None] + torch.where(ok, pos, 0)
-    dim, dv = state.keys.shape[-1], state.values.shape[-1]
-    state.far_keys = state.keys.reshape(-1, dim)[index].to(dtype)
-    state.far_values = state.values.reshape(-1, dv)[index].to(dtype)
-    state.far_bias = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(
-        ~ok, float("-inf"))[:, None]
-    state.start = int(state.selection.start[0])
+    if t % refresh == 0 or state.attend_keys is None:
+        kv_row = _kv_rows(batch, kv_heads, q_heads // kv_heads, q_t.device)
+        sel = _search_at(state, t, kv_row, topk=topk, block_q=block_q, block_k=block_k,
+                         query_stride=query_stride, window=window,
+                         representative=representative)
+        _load(state, sel, kv_row, t, block_k=block_k, sink=sink, window=window,
+              refresh=refresh, acc=acc)
+    else:
+        # The window grows by the new token (every key in it is <= t: no causal mask).
+        col = state.n_far + t - max(0, state.start - window)
+        groups = q_heads // kv_heads
+        width = state.attend_keys.shape[2]
+        state.attend_keys.view(batch, kv_heads, groups, width, dim)[:, :, :, col] = k_t
+        state.attend_values.view(batch, kv_heads, groups, width, -1)[:, :, :, col] = v_t
+    n = state.n_far + t + 1 - max(0, state.start - window)
+    out = F.scaled_dot_product_attention(
+        q_t.to(acc), state.attend_keys[:, :, :n], state.attend_values[:, :, :n],
+        attn_mask=state.attend_bias[..., :n], scale=scale)
+    return out.to(q_t.dtype), state
 
 
 MECHANISM = Mechanism(

@@ -43,10 +43,6 @@ def search_iterations(n_blocks: int, n_nodes: int) -> int:
     return iterations
 
 
-def _representative(start: torch.Tensor, size: torch.Tensor, representative: str) -> torch.Tensor:
-    return start + size // 2 if representative == "center" else start
-
-
 def best_in_order(score: torch.Tensor, n_best: int) -> torch.Tensor:
     """``(rows, n_best)``: the indices of the ``n_best`` largest scores of each row, ties going
     to the earlier index, listed in increasing index order: a stable descending sort's first
@@ -70,10 +66,10 @@ def _search_chunk(q_rep, q_ok, keys, key_ok, key_offset, range_end, iterations, 
     device = q_rep.device
     n_blocks = (range_end + block_k - 1) // block_k  # (rows,)
     node = torch.arange(n_nodes + 1, device=device)
-    bounds = (n_blocks[:, None] * node) // n_nodes
-    # Positions fit in int32 (the caller indexes fewer than 2^31 keys): half the memory
-    # traffic of the integer work.
-    start, size = bounds[:, :-1].int(), (bounds[:, 1:] - bounds[:, :-1]).int()
+    # Nodes are block ranges [lo, hi), in int32 (the caller indexes fewer than 2^31 keys):
+    # half the memory traffic of the integer work.
+    bounds = ((n_blocks[:, None] * node) // n_nodes).int()
+    lo, hi = bounds[:, :-1], bounds[:, 1:]
     # A missing representative becomes a copy of the first (which always exists): the max over
     # representatives is unchanged and needs no mask. Stored transposed, (rows, D, R), so that
     # the scores are one (2m b_k, D) x (D, R) product per row.
@@ -81,7 +77,7 @@ def _search_chunk(q_rep, q_ok, keys, key_ok, key_offset, range_end, iterations, 
     # Aligned: keys are gathered a whole block at a time (keys viewed as (S / b_k, b_k D)).
     # Per-key validity is needed only when some range ends inside a block or keys are padded.
     table = keys.view(-1, block_k * dim) if aligned else keys
-    base = (key_offset // block_k if aligned else key_offset).int()
+    base = (key_offset // block_k if aligned else key_offset).int()[:, None]
     within = torch.arange(block_k, device=device, dtype=torch.int32)
     width = 2 * n_nodes * block_k
     sub = max(1, min(rows, _GATHER_ELEMENTS // (width * max(dim, 1))))
@@ -89,42 +85,48 @@ def _search_chunk(q_rep, q_ok, keys, key_ok, key_offset, range_end, iterations, 
     dots = torch.empty(sub, width, q_t.shape[-1], dtype=q_t.dtype, device=device)
     min_blocks = -(-min_range // block_k)
     for it in range(iterations):
-        half = size // 2
-        child_start = torch.stack((start, start + half), dim=-1).flatten(1)  # (rows, 2m)
-        child_size = torch.stack((half, size - half), dim=-1).flatten(1)
-        rep = _representative(child_start, child_size, representative)
-        pos = rep[..., None] * block_k + within  # (rows, 2m, b_k) key positions
-        ok = (pos < range_end[:, None, None]) & (child_size > 0)[..., None] if per_key else None
+        # Children [lo, mid) and [mid, hi), mid = lo + floor(size / 2), interleaved (rows, 2m);
+        # a child's representative block is its centre (lo + floor(size / 2)) or its first.
+        mid = (lo + hi) // 2
+        child_lo = torch.stack((lo, mid), dim=2).view(rows, -1)
+        child_hi = torch.stack((mid, hi), dim=2).view(rows, -1)
+        rep = (child_lo + child_hi) // 2 if representative == "center" else child_lo
+        # Every node has >= min_blocks // (m 2^it) blocks: while that is >= 2 no child is empty.
+        may_be_empty = min_blocks // (n_nodes << it) < 2
+        pos = ok = None
+        if per_key or not aligned:
+            pos = rep[..., None] * block_k + within  # (rows, 2m, b_k) key positions
+        if per_key:
+            ok = (pos < range_end[:, None, None]) & (child_lo < child_hi)[..., None]
         if aligned:
-            index = base[:, None] + rep
+            index = base + rep
         else:
-            index = (base[:, None, None] + (pos if ok is None else torch.where(ok, pos, 0)))
-        index = index.view(rows, -1)
+            index = (base[..., None] + (pos if ok is None else torch.where(ok, pos, 0))
+                     ).view(rows, -1)
         if key_ok is not None:
-            ok = ok & key_ok[(base[:, None, None] * block_k + pos) if aligned
+            ok = ok & key_ok[(base[..., None] * block_k + pos) if aligned
                              else index.view(ok.shape)]
         parts = []
         for i in range(0, rows, sub):
             n = min(sub, rows - i)
             torch.index_select(table, 0, index[i:i + n].view(-1),
                                out=gathered[:n].view(-1, table.shape[-1]))
-            keys_n = gathered[:n].to(q_t.dtype)
-            torch.bmm(keys_n, q_t[i:i + n], out=dots[:n])  # (n, 2m b_k, R)
+            torch.bmm(gathered[:n].to(q_t.dtype), q_t[i:i + n], out=dots[:n])  # (n, 2m b_k, R)
             parts.append(dots[:n].amax(dim=2) if per_key
                          else dots[:n].view(n, 2 * n_nodes, -1).amax(dim=2))
         score = torch.cat(parts) if len(parts) > 1 else parts[0]
         if per_key:
             score = score.view(rows, -1, block_k).masked_fill(~ok, float("-inf")).amax(dim=2)
-        else:
-            score = score.masked_fill(child_size == 0, float("-inf"))
+        elif may_be_empty:
+            score = score.masked_fill(child_lo == child_hi, float("-inf"))
         best = best_in_order(score, n_nodes)
         if (n_nodes << it) < min_blocks:
-            start, size = child_start.gather(1, best), child_size.gather(1, best)
+            lo, hi = child_lo.gather(1, best), child_hi.gather(1, best)
         else:
             active = ((n_nodes << it) < n_blocks)[:, None]
-            start = torch.where(active, child_start.gather(1, best), start)
-            size = torch.where(active, child_size.gather(1, best), size)
-    return start.long(), size == 1
+            lo = torch.where(active, child_lo.gather(1, best), lo)
+            hi = torch.where(active, child_hi.gather(1, best), hi)
+    return lo.long(), hi - lo == 1
 
 
 def search_blocks(q_rep: torch.Tensor, q_ok: torch.Tensor, keys: torch.Tensor,

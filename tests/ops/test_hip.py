@@ -11,6 +11,7 @@ import torch
 
 import subq
 from subq.ops.hip_mask import best_in_order, search_blocks, search_blocks_loop, search_iterations
+from subq.ops.reference import masked_attention
 
 from ..helpers import random_qkv, rel_rms
 
@@ -203,6 +204,40 @@ def test_decode_with_stale_masks_stays_causal():
         out_t, state = subq.step(q[:, :, t:t + 1], k2[:, :, t:t + 1], v2[:, :, t:t + 1], state,
                                  method="hip", **options)
         assert rel_rms(outs[t], out_t) <= 1e-12
+
+
+def test_decode_with_stale_masks_equals_masked_softmax():
+    """refresh > block_q (masks reused between refreshes), GQA, past the cache's first growth
+    (256 tokens): every step equals a dense masked softmax over the sink, the loop reference's
+    selection at the last refresh ``s`` (representatives ``q_{s - r b_sq}``, keys
+    ``< s - w``) and the window ``[s - w, t]``."""
+    length, refresh, stride, window, sink = 270, 5, 2, 6, 3
+    options = dict(topk=8, block_q=4, block_k=2, query_stride=stride, sink=sink, window=window,
+                   refresh=refresh)
+    q, k, v = random_qkv(batch=1, q_heads=4, kv_heads=2, lq=length, dim=8, value_dim=6)
+    state = subq.init_state("hip", batch=1, kv_heads=2, head_dim=8, value_dim=6,
+                            dtype=q.dtype, **options)
+    j = torch.arange(length)
+    for t in range(length):
+        out_t, state = subq.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state,
+                                 method="hip", **options)
+        s = t - t % refresh
+        if t == s:
+            reps = s - torch.arange(2) * stride
+            end = max(0, s - window)
+            chosen = search_blocks_loop(
+                q[0, :, reps.clamp(min=0)], (reps >= 0).expand(4, -1), k[0].repeat_interleave(
+                    2, dim=0).reshape(-1, 8), torch.arange(4) * length, torch.full((4,), end),
+                n_nodes=4, block_k=2, representative="center")
+            selected = torch.zeros(4, length, dtype=torch.bool)
+            for h, blocks in enumerate(chosen):
+                for b in blocks:
+                    selected[h, 2 * b:2 * b + 2] = True
+            selected &= j < end
+        allowed = (selected | (j < sink) | (j >= s - window)) & (j <= t)
+        expected = masked_attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1],
+                                    allowed[None, :, None, :t + 1], 8 ** -0.5)
+        assert rel_rms(expected, out_t) <= 1e-12, f"step {t}"
 
 
 def test_prefix_consistent_with_large_query_blocks():
