@@ -60,8 +60,8 @@ ScanResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = 2^(x log2(e))
 _CHUNK = 32  # tokens per chunk (T): the in-chunk loop runs T steps, the carry L / T
-_BLOCK = 256  # tokens per tile (a multiple of _CHUNK)
-_TILE = 1 << 20  # about this many (token, N, D) state entries per tile buffer (4 MiB float32)
+_BLOCK = 512  # tokens per tile (a multiple of _CHUNK)
+_TILE = 1 << 21  # about this many (token, N, D) state entries per tile buffer (8 MiB float32)
 
 
 def _check(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
