@@ -555,35 +555,32 @@ def _fused_forward(u, delta, A, Bm, Cm, h0, D, z, delta_bias, delta_softplus, ac
         return h0.new_empty(shape) if not time_major \
             else h0.new_empty(shape[0], shape[2], shape[1]).transpose(1, 2)
 
-    dl_raw, dl_buf, w_buf, y_buf, gate_buf = (caller_layout() for _ in range(5))
+    raw_buf, dl_buf, w_buf, y_buf, gate_buf = (caller_layout() for _ in range(5))
     dl_tm = h0.new_empty(shape[0], shape[2], shape[1])
-    tile_sizes = {}
+
+    def discretise(block: torch.Tensor, out: torch.Tensor) -> None:
+        """``softplus(block + delta_bias)`` (each part optional) into ``out``, in ``acc``."""
+        raw = raw_buf[:out.shape[0], :, :out.shape[2]] if delta_softplus else out
+        if bias is None:
+            raw.copy_(block)
+        else:
+            torch.add(block, bias, out=raw)
+        if delta_softplus:  # F.softplus (beta 1, threshold 20), which has no ``out=``
+            torch.ops.aten.softplus.out(raw, 1, 20, out=out)
 
     def inputs(rows, start, stop, weight):
         b, real = rows.stop - rows.start, min(stop, length) - start
-        tile_sizes[start] = b, real
-        dl = dl_buf[:b, :, :stop - start]
-        if bias is not None or delta_softplus:
-            raw = dl_raw[:b, :, :real]
-            torch.add(delta[rows, :, start:start + real], bias, out=raw) if bias is not None \
-                else raw.copy_(delta[rows, :, start:start + real])
-            if delta_softplus:
-                torch.ops.aten.softplus.out(raw, 1, 20, out=dl[:, :, :real])
-            else:
-                dl[:, :, :real] = raw
-        else:
-            dl[:, :, :real] = delta[rows, :, start:start + real]
-        dl[:, :, real:] = 0.0
-        w = w_buf[:b, :, :stop - start]
+        dl, w = dl_buf[:b, :, :stop - start], w_buf[:b, :, :stop - start]
+        discretise(delta[rows, :, start:start + real], dl[:, :, :real])
         torch.mul(dl[:, :, :real], u[rows, :, start:start + real], out=w[:, :, :real])
+        dl[:, :, real:] = 0.0  # padding: decay 1, drive 0
         w[:, :, real:] = 0.0
         weight.copy_(w.transpose(1, 2))
         return dl_tm[:b, :stop - start].copy_(dl.transpose(1, 2))
 
     def emit(rows, start, stop, y):
-        b, real = tile_sizes.pop(start)
-        y_c = y_buf[:b, :, :real]
-        y_c.copy_(y[:, :real].transpose(1, 2))
+        b, real = rows.stop - rows.start, min(stop, length) - start
+        y_c = y_buf[:b, :, :real].copy_(y[:, :real].transpose(1, 2))
         if skip is not None:
             y_c.addcmul_(u[rows, :, start:start + real], skip)
         target = out[rows, :, start:start + real]
