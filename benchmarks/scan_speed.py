@@ -5,9 +5,11 @@
 Prints the median time and tokens/s of the fast forward and forward+backward at ``--length``
 and of the reference loop's forward and forward+backward at ``--reference-length`` (the loop
 costs the same per token at any length, so its time at ``--length`` is extrapolated linearly,
-and the script says so when the two lengths differ). It first checks the fast form against
-the reference on the reference-length inputs, values and gradients (no speed-up is reported
-for a wrong answer).
+and the script says so when the two lengths differ). The loop and the fast form are timed in
+``--rounds`` alternating rounds and the speed-up is the median of the per-round ratios, with
+their range: on a shared or virtual machine the speed drifts by tens of percent over minutes.
+It first checks the fast form against the reference on the reference-length inputs, values
+and gradients (no speed-up is reported for a wrong answer).
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def main() -> None:
     parser.add_argument("--reference-length", type=int, default=4096)
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--state", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="fast-form runs per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternations of loop and fast form (each ratio from one round)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -76,24 +80,30 @@ def main() -> None:
     err = _check(*ref_inputs)
     if err > 1e-4:
         raise SystemExit(f"fast form differs from the reference (rel RMS {err:.2e})")
-    ref_fwd, ref_train = _times(selective_scan_reference, *ref_inputs, 1, device)
-    fast_fwd, fast_train = _times(selective_scan, *_inputs(args.length, args.channels,
-                                                           args.state, device),
-                                  args.repeats, device)
+    fast_inputs = _inputs(args.length, args.channels, args.state, device)
+    rounds = []  # the loop and the fast form alternate, so that drifts of the machine hit both
+    for _ in range(args.rounds):
+        rounds.append((*_times(selective_scan_reference, *ref_inputs, 1, device),
+                       *_times(selective_scan, *fast_inputs, args.repeats, device)))
+    ref_fwd, ref_train, fast_fwd, fast_train = (statistics.median(r[i] for r in rounds)
+                                                for i in range(4))
     scale = args.length / args.reference_length
     print(f"device={device} L={args.length} d_inner={args.channels} N={args.state} float32 "
-          f"B=1 threads={torch.get_num_threads()} max rel_rms (values, grads)={err:.1e}")
+          f"B=1 threads={torch.get_num_threads()} max rel_rms (values, grads)={err:.1e} "
+          f"rounds={args.rounds}")
     rows = [(f"reference forward (L={args.reference_length})", ref_fwd, args.reference_length),
             (f"reference fwd+bwd (L={args.reference_length})", ref_train, args.reference_length),
             ("fast forward", fast_fwd, args.length), ("fast forward+backward", fast_train,
                                                        args.length)]
     for name, ms, length in rows:
-        print(f"{name:34s} {ms:10.1f} ms {length / ms * 1e3:12.0f} tokens/s")
+        print(f"{name:34s} {ms:10.1f} ms {length / ms * 1e3:12.0f} tokens/s (median of rounds)")
     note = "" if scale == 1 else \
         f" (reference extrapolated linearly from L={args.reference_length})"
-    print(f"speed-up at L={args.length}{note}: forward {ref_fwd * scale / fast_fwd:.1f}x, "
-          f"forward+backward {ref_train * scale / fast_train:.1f}x")
-
+    forward = sorted(r[0] * scale / r[2] for r in rounds)
+    train = sorted(r[1] * scale / r[3] for r in rounds)
+    print(f"speed-up at L={args.length}{note}, median of {args.rounds} rounds [range]: "
+          f"forward {statistics.median(forward):.1f}x [{forward[0]:.1f}-{forward[-1]:.1f}], "
+          f"forward+backward {statistics.median(train):.1f}x [{train[0]:.1f}-{train[-1]:.1f}]")
 
 if __name__ == "__main__":
     main()
