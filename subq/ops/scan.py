@@ -536,8 +536,8 @@ def _fused_forward(u, delta, A, Bm, Cm, h0, D, z, delta_bias, delta_softplus, ac
     by ``u`` in the caller's layout (a channel-major block ``(b, D, S)`` of ``(B, D, L)``, or
     a time-major view), only ``delta`` and ``delta u`` are made time-major for the scan, and
     ``(y + D u) silu(z)`` is formed back in the caller's layout and written straight into the
-    output (a transposed block of a long tensor is best copied between small contiguous
-    buffers: three such copies per tile instead of one per input). Arguments as
+    output: three transposing copies per tile (``delta``, ``delta u``, ``y``), each between
+    small contiguous buffers. Arguments as
     :class:`_SelectiveScan` takes them (``A``, ``B``, ``C``, ``h0`` time-major) plus
     :func:`selective_scan`'s raw ones; returns ``out (B, D, L)`` and the last state
     ``(B, N, D)``."""
@@ -559,7 +559,9 @@ def _fused_forward(u, delta, A, Bm, Cm, h0, D, z, delta_bias, delta_softplus, ac
     dl_tm = h0.new_empty(shape[0], shape[2], shape[1])
 
     def discretise(block: torch.Tensor, out: torch.Tensor) -> None:
-        """``softplus(block + delta_bias)`` (each part optional) into ``out``, in ``acc``."""
+        """``softplus(block + delta_bias)`` (each part optional) into ``out``, in ``acc``: the
+        allocation-free form of :func:`_discretise_delta`, which stays functional for
+        autograd (``out=`` ops are not differentiable)."""
         raw = raw_buf[:out.shape[0], :, :out.shape[2]] if delta_softplus else out
         if bias is None:
             raw.copy_(block)
