@@ -246,9 +246,10 @@ def _scan_chunks(a: torch.Tensor, x: torch.Tensor, h: torch.Tensor
         as_[t].mul_(as_[t - 1])
     entries = x.new_empty(x.shape[0], x.shape[1] + 1, *x.shape[3:])
     entries[:, 0] = h
+    states = entries.unbind(1)
     for k, (x_end, a_end) in enumerate(zip(xs[-1].unbind(1), as_[-1].unbind(1),
                                                      strict=True)):
-        torch.addcmul(x_end, a_end, entries[:, k], out=entries[:, k + 1])
+        torch.addcmul(x_end, a_end, states[k], out=states[k + 1])
     x.addcmul_(a, entries[:, :-1, None])
     return entries[:, :-1], entries[:, -1]
 
