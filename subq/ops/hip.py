@@ -513,9 +513,8 @@ def step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: HipCach
          representative: str = "center", refresh: int = 8) -> tuple[torch.Tensor, HipCache]:
     """One causal decoding step: append ``(k_t, v_t)`` (``(B, Hkv, 1, D)``), re-run the search
     if ``t % refresh == 0`` (or the state has no selection yet), attend ``q_t (B, Hq, 1, D)``
-    to sink, selected blocks and window
-    ``[s - w, t]`` with one fused softmax over the state's buffers. Returns
-    ``((B, Hq, 1, Dv), state)``; the state is updated in place."""
+    to sink, selected blocks and window ``[s - w, t]`` with one fused softmax over the state's
+    buffers. Returns ``((B, Hq, 1, Dv), state)``; the state is updated in place."""
     batch, q_heads, _, dim = q_t.shape
     kv_heads = k_t.shape[1]
     scale = dim ** -0.5 if scale is None else scale
