@@ -23,9 +23,15 @@ from subq.bench.measure import median_ms, rel_rms
 from subq.ops.scan import selective_scan, selective_scan_reference
 
 
-def _inputs(length: int, channels: int, state: int, device: torch.device) -> tuple[list, dict]:
+def _inputs(length: int, channels: int, state: int, device: torch.device,
+            time_major: bool = False) -> tuple[list, dict]:
+    """Seeded inputs; ``u, delta, z`` are ``(B, D, L)``, stored channel-major (mamba-ssm's
+    layout) or, with ``time_major``, as transposed views of ``(B, L, D)`` tensors (what the
+    Mamba mixer's projections produce)."""
     gen = torch.Generator().manual_seed(0)
     u, delta, z = (torch.randn(1, channels, length, generator=gen) for _ in range(3))
+    if time_major:
+        u, delta, z = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (u, delta, z))
     A = -torch.exp(torch.randn(channels, state, generator=gen))
     B, C = (torch.randn(1, state, length, generator=gen) for _ in range(2))
     D, bias = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
@@ -71,16 +77,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternations of loop and fast form (each ratio from one round)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
+    parser.add_argument("--layout", choices=["channel-major", "time-major"],
+                        default="channel-major",
+                        help="storage of u, delta, z (B, D, L): contiguous, or transposed views "
+                             "of (B, L, D) tensors as the Mamba mixer passes them")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    ref_inputs = _inputs(args.reference_length, args.channels, args.state, device)
+    ref_inputs = _inputs(args.reference_length, args.channels, args.state, device,
+                         args.layout == "time-major")
     err = _check(*ref_inputs)
     if err > 1e-4:
         raise SystemExit(f"fast form differs from the reference (rel RMS {err:.2e})")
-    fast_inputs = _inputs(args.length, args.channels, args.state, device)
+    fast_inputs = _inputs(args.length, args.channels, args.state, device,
+                          args.layout == "time-major")
     rounds = []  # the loop and the fast form alternate, so that drifts of the machine hit both
     for _ in range(args.rounds):
         rounds.append((*_times(selective_scan_reference, *ref_inputs, 1, device),
@@ -89,8 +101,8 @@ def main() -> None:
                                                 for i in range(4))
     scale = args.length / args.reference_length
     print(f"device={device} L={args.length} d_inner={args.channels} N={args.state} float32 "
-          f"B=1 threads={torch.get_num_threads()} max rel_rms (values, grads)={err:.1e} "
-          f"rounds={args.rounds}")
+          f"B=1 threads={torch.get_num_threads()} layout={args.layout} "
+          f"max rel_rms (values, grads)={err:.1e} rounds={args.rounds}")
     rows = [(f"reference forward (L={args.reference_length})", ref_fwd, args.reference_length),
             (f"reference fwd+bwd (L={args.reference_length})", ref_train, args.reference_length),
             ("fast forward", fast_fwd, args.length), ("fast forward+backward", fast_train,
