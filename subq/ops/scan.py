@@ -494,11 +494,6 @@ def _pad_time(x: torch.Tensor, length: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 2) + (0, extra), value=value) if extra else x
 
 
-def _pad_last(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad the last dim of ``x`` to ``length`` with zeros."""
-    return F.pad(x, (0, length - x.shape[-1])) if length > x.shape[-1] else x
-
-
 def _padded_length(length: int) -> int:
     return -(-length // _CHUNK) * _CHUNK
 
