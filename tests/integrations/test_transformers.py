@@ -30,7 +30,8 @@ def tiny_llama(layers: int = 3, attn: str = "sdpa") -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64,
                          num_hidden_layers=layers, num_attention_heads=6,
                          num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                         attn_implementation=attn)
+                         attn_implementation=attn,
+                         eos_token_id=None)  # a random model may emit any id: never stop early
     return LlamaForCausalLM(config).eval()
 
 
