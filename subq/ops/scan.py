@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import scan_kernel
 from .common import accumulation_dtype
 
 ScanResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -637,6 +638,10 @@ def selective_scan(
     B_t, C_t = _time_major_bc(B, padded, acc), _time_major_bc(C, padded, acc)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)):
+        if scan_kernel.applies(*tensors):
+            out, last = scan_kernel.selective_scan_forward(u, delta, A, B, C, D, z, delta_bias,
+                                                           delta_softplus, initial_state)
+            return (out, last) if return_last_state else out
         out, last = _fused_forward(u, delta, A_t, B_t, C_t, state0_t, D, z, delta_bias,
                                    delta_softplus, acc)
         return (out, last.transpose(1, 2)) if return_last_state else out

@@ -1,0 +1,243 @@
+"""The fused CPU kernel of the selective scan's forward (inference), built on first use.
+
+``csrc/selective_scan.c`` runs the Mamba-1 recurrence of :mod:`subq.ops.scan` sequentially in
+time, eight channels per SIMD register, with every elementwise step (decay ``2^(delta A log2
+e)``, drive, ``C . h``, skip, gate) fused into one pass: no ``(L, N, D)`` tensor exists, the
+states stay in the L1 cache, and a state entry costs one exp2 and three multiply-adds. Eager
+PyTorch cannot fuse these steps, so the chunked form (:func:`subq.ops.scan.selective_scan`
+with autograd, and on other devices) makes ~7 passes over the states instead.
+
+The C file is compiled with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native``)
+into a cache directory (``$SUBQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/subq`` or
+``~/.cache/subq``), keyed by a hash of the source, the flags, the compiler and the CPU, written
+to a temporary file and renamed, so concurrent first uses are safe. It is called through
+``ctypes``, which releases the GIL: the channel blocks are split over ``torch.get_num_threads()``
+Python threads. Without a compiler (or with ``SUBQ_SCAN_KERNEL=0``) :func:`available` is false
+and :mod:`subq.ops.scan` keeps its eager chunked form; :func:`unavailable_reason` says why.
+
+Scope: float32 CPU tensors, any strides (mamba-ssm's channel-major ``(B, D, L)`` and the Mamba
+mixer's time-major views alike), B and C time-invariant, shared or grouped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import getpass
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
+_FLAGS = ["-O3", "-std=gnu11", "-fno-math-errno", "-shared", "-fPIC"]
+_NATIVE = ["-march=native"]
+_LANES = 8  # channels per job (LANES in the C source)
+_SERIAL_WORK = 1 << 16  # below this many state-entry updates, one thread (no pool overhead)
+
+
+def _fields() -> list[tuple[str, type]]:
+    """``scan_args`` of the C source, field for field: sizes, then each tensor's pointer and
+    strides (in elements), B and C with their channels per group."""
+    fields = [(name, ctypes.c_int64) for name in ("batch", "channels", "length", "nstate")]
+    for name, strides in (("u", "bdt"), ("delta", "bdt"), ("z", "bdt"), ("A", ""),
+                          ("B", "bgnt"), ("C", "bgnt"), ("D", ""), ("h0", "bdn"),
+                          ("out", "bdt")):
+        fields.append((name, ctypes.c_void_p))
+        fields += [(f"{name}_{axis}", ctypes.c_int64) for axis in strides]
+        if name in ("B", "C"):
+            fields.append((f"{name}_per_group", ctypes.c_int64))
+        if name == "delta":
+            fields += [("delta_bias", ctypes.c_void_p), ("softplus", ctypes.c_int64)]
+    return [*fields, ("last", ctypes.c_void_p)]
+
+
+class _Args(ctypes.Structure):
+    _fields_ = _fields()
+
+
+_state: dict[str, object] = {}
+_lock = threading.Lock()
+_enabled = os.environ.get("SUBQ_SCAN_KERNEL", "1") != "0"
+
+
+def _cache_dir() -> Path:
+    """``$SUBQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/subq`` or ``~/.cache/subq``; a directory
+    under the system's temporary one when that cannot be written."""
+    if os.environ.get("SUBQ_CACHE_DIR"):
+        return Path(os.environ["SUBQ_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "subq"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"subq-cache-{getpass.getuser()}"
+
+
+def _cpu_id() -> str:
+    """The CPU's model and feature flags (``-march=native`` code is only valid on the same)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags",
+                                                                     "Features")]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def _compile(compiler: list[str], source: bytes) -> Path:
+    """The shared library for ``source``, compiled once per cache key; raises on failure."""
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    errors = []
+    for flags in (_FLAGS + _NATIVE, _FLAGS):
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+                                         _cpu_id().encode(), platform.machine().encode()]))
+        target = _cache_dir() / f"selective_scan_{key.hexdigest()[:16]}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            partial = Path(tmp) / target.name
+            built = subprocess.run([*compiler, *flags, "-o", str(partial), str(_SOURCE)],
+                                   capture_output=True, text=True)
+            if built.returncode == 0:
+                os.replace(partial, target)  # atomic: a concurrent build writes the same file
+                return target
+            errors.append(built.stderr.strip())
+    raise RuntimeError("\n".join(errors))
+
+
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (the reason in ``_state["reason"]``); built on first call."""
+    with _lock:
+        if "library" not in _state:
+            _state["library"], _state["reason"] = _load()
+        return _state["library"]
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    library, reason = None, None
+    if os.environ.get("CC"):
+        compiler = shlex.split(os.environ["CC"])
+    else:
+        found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        compiler = [found] if found else []
+    if not compiler:
+        reason = "no C compiler found (set $CC)"
+    else:
+        try:
+            library = ctypes.CDLL(str(_compile(compiler, _SOURCE.read_bytes())))
+            library.subq_selective_scan_f32.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64,
+                                                        ctypes.c_int64]
+            library.subq_selective_scan_f32.restype = ctypes.c_int
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            library, reason = None, f"building {_SOURCE.name} failed: {error}"
+    return library, reason
+
+
+def available() -> bool:
+    """Whether the fused kernel is built (or can be) and enabled."""
+    return _enabled and _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is false, or None."""
+    if not _enabled:
+        return "disabled (SUBQ_SCAN_KERNEL=0 or scan_kernel.disabled())"
+    return None if _library() is not None else str(_state["reason"])
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block the scan uses its eager chunked form (for tests and comparisons)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def applies(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernel can run on these scan inputs: float32 on the CPU, and available."""
+    present = [x for x in tensors if x is not None]
+    return all(x.device.type == "cpu" and x.dtype == torch.float32 for x in present) \
+        and available()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` workers, kept for later calls (one per distinct size)."""
+    with _lock:
+        pools = _state.setdefault("pools", {})
+        if threads not in pools:
+            pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="subq-scan")
+        return pools[threads]
+
+
+def _projection(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """B or C as strides ``(batch, group, n, t)`` and channels per group."""
+    if x.dim() == 2:  # (D, N): time-invariant, one group per channel
+        return x, (0, x.stride(0), x.stride(1), 0), 1
+    if x.dim() == 3:  # (B, N, L): shared by all channels
+        return x, (x.stride(0), 0, x.stride(1), x.stride(2)), channels
+    return x, tuple(x.stride()), channels // x.shape[1]  # (B, G, N, L)
+
+
+def selective_scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+                           B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None,
+                           z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                           delta_softplus: bool, initial_state: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out (B, D, L)`` (stored like ``u``) and the last state ``(B, D, N)``.
+
+    Arguments as :func:`subq.ops.scan.selective_scan` takes them, already checked, float32 on
+    the CPU.
+    """
+    library = _library()
+    if library is None:
+        raise RuntimeError(f"the scan kernel is unavailable: {unavailable_reason()}")
+    batch, channels, length = u.shape
+    n_state = A.shape[1]
+    A = A.contiguous()
+    D = None if D is None else D.contiguous()
+    delta_bias = None if delta_bias is None else delta_bias.contiguous()
+    out = torch.empty_like(u)
+    last = u.new_empty(batch, channels, n_state)
+    B, b_strides, b_group = _projection(B, channels)
+    C, c_strides, c_group = _projection(C, channels)
+    args = _Args(batch, channels, length, n_state,
+                 u.data_ptr(), *u.stride(), delta.data_ptr(), *delta.stride(),
+                 None if delta_bias is None else delta_bias.data_ptr(), int(delta_softplus),
+                 *((z.data_ptr(), *z.stride()) if z is not None else (None, 0, 0, 0)),
+                 A.data_ptr(), B.data_ptr(), *b_strides, b_group, C.data_ptr(), *c_strides,
+                 c_group, None if D is None else D.data_ptr(),
+                 *((initial_state.data_ptr(), *initial_state.stride())
+                   if initial_state is not None else (None, 0, 0, 0)),
+                 out.data_ptr(), *out.stride(), last.data_ptr())
+    jobs = batch * -(-channels // _LANES)
+    threads = max(1, min(torch.get_num_threads(), jobs))
+    if threads == 1 or jobs * length * n_state * _LANES < _SERIAL_WORK:
+        ranges = [(0, jobs)]
+    else:
+        bounds = [jobs * i // threads for i in range(threads + 1)]
+        ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
+    pointer = ctypes.byref(args)
+    if len(ranges) == 1:
+        codes = [library.subq_selective_scan_f32(pointer, *ranges[0])]
+    else:
+        codes = list(_pool(len(ranges)).map(
+            lambda r: library.subq_selective_scan_f32(pointer, *r), ranges))
+    if any(codes):
+        raise MemoryError("the scan kernel could not allocate its scratch buffers")
+    return out, last
