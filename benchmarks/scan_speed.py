@@ -1,15 +1,17 @@
-"""Selective scan speed: the chunked fast form vs the sequential reference loop.
+"""Selective scan speed: the fast forms vs the sequential reference loop.
 
     python benchmarks/scan_speed.py --length 16384 --reference-length 4096 --threads 1
 
-Prints the median time and tokens/s of the fast forward and forward+backward at ``--length``
-and of the reference loop's forward and forward+backward at ``--reference-length`` (the loop
+Prints the median time and tokens/s of the fast forward (inference: the fused C kernel on the
+CPU where it builds, else the chunked form) and forward+backward (the chunked custom
+backward) at ``--length``, of the chunked inference forward with the kernel switched off, and
+of the reference loop's forward and forward+backward at ``--reference-length`` (the loop
 costs the same per token at any length, so its time at ``--length`` is extrapolated linearly,
-and the script says so when the two lengths differ). The loop and the fast form are timed in
-``--rounds`` alternating rounds and the speed-up is the median of the per-round ratios, with
-their range: on a shared or virtual machine the speed drifts by tens of percent over minutes.
-It first checks the fast form against the reference on the reference-length inputs, values
-and gradients (no speed-up is reported for a wrong answer).
+and the script says so when the two lengths differ). The forms are timed in ``--rounds``
+alternating rounds and each speed-up is the median of the per-round ratios, with their range:
+on a shared or virtual machine the speed drifts by tens of percent over minutes. It first
+checks the fast forms against the reference on the reference-length inputs, values and
+gradients (no speed-up is reported for a wrong answer).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import torch
 
 from subq.bench.measure import median_ms, rel_rms
+from subq.ops import scan_kernel
 from subq.ops.scan import selective_scan, selective_scan_reference
 
 
@@ -57,14 +60,27 @@ def _times(fn, args: list, kwargs: dict, repeats: int, device: torch.device
 
 
 def _check(args: list, kwargs: dict) -> float:
-    """Largest rel. RMS error of the fast form vs the reference: output and input gradients."""
+    """Largest rel. RMS error of the fast form vs the reference: output and input gradients
+    (the autograd path), and the inference output (the fused kernel where it is used)."""
     leaves = [x.detach().requires_grad_(True) for x in args]
     cot = torch.randn_like(args[0])
     results = []
     for fn in (selective_scan_reference, selective_scan):
         out = fn(*leaves, **kwargs)
         results.append([out, *torch.autograd.grad((out * cot).sum(), leaves)])
+    with torch.no_grad():
+        results[1].append(selective_scan(*args, **kwargs))
+    results[0].append(results[0][0])
     return max(rel_rms(r, f) for r, f in zip(*results, strict=True))
+
+
+def _chunked_forward_ms(args: list, kwargs: dict, repeats: int, device: torch.device
+                        ) -> float:
+    """Median ms of the eager chunked forward (the fused kernel switched off)."""
+    with torch.no_grad(), scan_kernel.disabled():
+        selective_scan(*args, **kwargs)
+        return statistics.median(median_ms(lambda: selective_scan(*args, **kwargs), repeats,
+                                           device))
 
 
 def main() -> None:
@@ -93,29 +109,44 @@ def main() -> None:
         raise SystemExit(f"fast form differs from the reference (rel RMS {err:.2e})")
     fast_inputs = _inputs(args.length, args.channels, args.state, device,
                           args.layout == "time-major")
-    rounds = []  # the loop and the fast form alternate, so that drifts of the machine hit both
+    kernel = device.type == "cpu" and scan_kernel.available()
+    rounds = []  # loop and fast forms alternate, so that drifts of the machine hit all of them
     for _ in range(args.rounds):
         rounds.append((*_times(selective_scan_reference, *ref_inputs, 1, device),
-                       *_times(selective_scan, *fast_inputs, args.repeats, device)))
-    ref_fwd, ref_train, fast_fwd, fast_train = (statistics.median(r[i] for r in rounds)
-                                                for i in range(4))
+                       *_times(selective_scan, *fast_inputs, args.repeats, device),
+                       _chunked_forward_ms(*fast_inputs, args.repeats, device) if kernel
+                       else float("nan")))
+    ref_fwd, ref_train, fast_fwd, fast_train, chunked_fwd = (
+        statistics.median(r[i] for r in rounds) for i in range(5))
     scale = args.length / args.reference_length
+    forward_form = "fused C kernel" if kernel else "chunked" + (
+        f"; no kernel: {scan_kernel.unavailable_reason()}" if device.type == "cpu" else "")
     print(f"device={device} L={args.length} d_inner={args.channels} N={args.state} float32 "
           f"B=1 threads={torch.get_num_threads()} layout={args.layout} "
-          f"max rel_rms (values, grads)={err:.1e} rounds={args.rounds}")
+          f"max rel_rms (values, grads)={err:.1e} rounds={args.rounds} "
+          f"inference forward: {forward_form}")
     rows = [(f"reference forward (L={args.reference_length})", ref_fwd, args.reference_length),
             (f"reference fwd+bwd (L={args.reference_length})", ref_train, args.reference_length),
-            ("fast forward", fast_fwd, args.length), ("fast forward+backward", fast_train,
-                                                       args.length)]
+            ("fast forward", fast_fwd, args.length),
+            ("fast forward+backward (chunked)", fast_train, args.length)]
+    if kernel:
+        rows.append(("chunked forward (kernel off)", chunked_fwd, args.length))
     for name, ms, length in rows:
         print(f"{name:34s} {ms:10.1f} ms {length / ms * 1e3:12.0f} tokens/s (median of rounds)")
     note = "" if scale == 1 else \
         f" (reference extrapolated linearly from L={args.reference_length})"
-    forward = sorted(r[0] * scale / r[2] for r in rounds)
-    train = sorted(r[1] * scale / r[3] for r in rounds)
+
+    def ratio(label: str, loop: int, fast: int) -> str:
+        """Median and range over rounds of loop time / fast time (columns of a round)."""
+        values = sorted(r[loop] * scale / r[fast] for r in rounds)
+        return (f"{label} {statistics.median(values):.1f}x "
+                f"[{values[0]:.1f}-{values[-1]:.1f}]")
+
+    parts = [ratio("forward", 0, 2), ratio("forward+backward", 1, 3)]
+    if kernel:
+        parts.append(ratio("chunked forward", 0, 4))
     print(f"speed-up at L={args.length}{note}, median of {args.rounds} rounds [range]: "
-          f"forward {statistics.median(forward):.1f}x [{forward[0]:.1f}-{forward[-1]:.1f}], "
-          f"forward+backward {statistics.median(train):.1f}x [{train[0]:.1f}-{train[-1]:.1f}]")
+          + ", ".join(parts))
 
 if __name__ == "__main__":
     main()
