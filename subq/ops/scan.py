@@ -633,15 +633,21 @@ def selective_scan(
     if length == 0:
         out = u.new_zeros(u.shape)
         return (out, state0) if return_last_state else out
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                                 for x in tensors)
+    if scan_kernel.applies(*tensors):  # float32 on the CPU: the fused C kernel
+        if needs_grad:
+            out, last = scan_kernel.FusedSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias,
+                                                             initial_state, delta_softplus)
+        else:
+            out, last = scan_kernel.selective_scan_forward(u, delta, A, B, C, D, z, delta_bias,
+                                                           delta_softplus, initial_state)
+        return (out, last) if return_last_state else out
     padded = _padded_length(length)
     A_t, state0_t = A.to(acc).T.contiguous(), state0.transpose(1, 2).contiguous()
     B_t, C_t = _time_major_bc(B, padded, acc), _time_major_bc(C, padded, acc)
-    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)):
-        if scan_kernel.applies(*tensors):
-            out, last = scan_kernel.selective_scan_forward(u, delta, A, B, C, D, z, delta_bias,
-                                                           delta_softplus, initial_state)
-            return (out, last) if return_last_state else out
+    if not needs_grad:
         out, last = _fused_forward(u, delta, A_t, B_t, C_t, state0_t, D, z, delta_bias,
                                    delta_softplus, acc)
         return (out, last.transpose(1, 2)) if return_last_state else out

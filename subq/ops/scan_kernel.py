@@ -36,11 +36,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
 _FLAGS = ["-O3", "-std=gnu11", "-fno-math-errno", "-shared", "-fPIC"]
 _NATIVE = ["-march=native"]
 _LANES = 8  # channels per job (LANES in the C source)
+_TOKENS = 64  # steps per block (TOKENS in the C source): a checkpoint per block
 _SERIAL_WORK = 1 << 16  # below this many state-entry updates, one thread (no pool overhead)
 
 
@@ -57,11 +59,24 @@ def _fields() -> list[tuple[str, type]]:
             fields.append((f"{name}_per_group", ctypes.c_int64))
         if name == "delta":
             fields += [("delta_bias", ctypes.c_void_p), ("softplus", ctypes.c_int64)]
-    return [*fields, ("last", ctypes.c_void_p)]
+    return [*fields, ("last", ctypes.c_void_p), ("checkpoints", ctypes.c_void_p)]
 
 
 class _Args(ctypes.Structure):
     _fields_ = _fields()
+
+
+class _Grads(ctypes.Structure):
+    """``scan_grads`` of the C source, field for field."""
+
+    _fields_ = [("dout", ctypes.c_void_p), *[(f"dout_{a}", ctypes.c_int64) for a in "bdt"],
+                *[(name, ctypes.c_void_p) for name in ("dlast", "du", "ddelta", "dz", "dh0",
+                                                       "dA", "dD", "dbias")],
+                ("dB", ctypes.c_void_p), *[(f"dB_{a}", ctypes.c_int64) for a in
+                                           ("b", "g", "n", "t", "thread")],
+                ("dC", ctypes.c_void_p), *[(f"dC_{a}", ctypes.c_int64) for a in
+                                           ("b", "g", "n", "t", "thread")],
+                ("dA_thread", ctypes.c_int64), ("dvec_thread", ctypes.c_int64)]
 
 
 _state: dict[str, object] = {}
@@ -141,6 +156,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
             library.subq_selective_scan_f32.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64,
                                                         ctypes.c_int64]
             library.subq_selective_scan_f32.restype = ctypes.c_int
+            library.subq_selective_scan_backward_f32.argtypes = [
+                ctypes.POINTER(_Args), ctypes.POINTER(_Grads), ctypes.c_int64, ctypes.c_int64,
+                ctypes.c_int64]
+            library.subq_selective_scan_backward_f32.restype = ctypes.c_int
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             library, reason = None, f"building {_SOURCE.name} failed: {error}"
     return library, reason
@@ -194,50 +213,134 @@ def _projection(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, tuple[int
     return x, tuple(x.stride()), channels // x.shape[1]  # (B, G, N, L)
 
 
+def _pointer(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+def _strided(x: torch.Tensor | None, dims: int) -> tuple:
+    """A tensor's pointer and strides, or NULL and zeros."""
+    return (None, *[0] * dims) if x is None else (x.data_ptr(), *x.stride())
+
+
+def _scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, out, last,
+               checkpoints) -> tuple[_Args, list[torch.Tensor]]:
+    """The C argument block, and the tensors it points into (kept alive by the caller)."""
+    batch, channels, length = u.shape
+    A = A.contiguous()
+    D = None if D is None else D.contiguous()
+    delta_bias = None if delta_bias is None else delta_bias.contiguous()
+    B, b_strides, b_group = _projection(B, channels)
+    C, c_strides, c_group = _projection(C, channels)
+    args = _Args(batch, channels, length, A.shape[1],
+                 *_strided(u, 3), *_strided(delta, 3), _pointer(delta_bias),
+                 int(delta_softplus), *_strided(z, 3), A.data_ptr(),
+                 B.data_ptr(), *b_strides, b_group, C.data_ptr(), *c_strides, c_group,
+                 _pointer(D), *_strided(initial_state, 3), *_strided(out, 3), _pointer(last),
+                 _pointer(checkpoints))
+    return args, [A, B, C, D, delta_bias]
+
+
+def _job_ranges(batch: int, channels: int, length: int, n_state: int) -> list[tuple[int, int]]:
+    """The ``(batch row, channel block)`` jobs cut into one contiguous range per thread (one
+    range for small work, where a pool round trip would cost more than it saves)."""
+    jobs = batch * -(-channels // _LANES)
+    threads = max(1, min(torch.get_num_threads(), jobs))
+    if threads == 1 or jobs * length * n_state * _LANES < _SERIAL_WORK:
+        return [(0, jobs)]
+    bounds = [jobs * i // threads for i in range(threads + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _run(call, ranges: list[tuple[int, int]]) -> None:
+    """``call(first, stop, slot)`` for every range, on the pool when there are several."""
+    jobs = [(*r, slot) for slot, r in enumerate(ranges)]
+    codes = [call(*jobs[0])] if len(jobs) == 1 else \
+        list(_pool(len(jobs)).map(lambda job: call(*job), jobs))
+    if any(codes):
+        raise MemoryError("the scan kernel could not allocate its scratch buffers")
+
+
+def _checked_library() -> ctypes.CDLL:
+    library = _library()
+    if library is None:
+        raise RuntimeError(f"the scan kernel is unavailable: {unavailable_reason()}")
+    return library
+
+
 def selective_scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
                            B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None,
                            z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-                           delta_softplus: bool, initial_state: torch.Tensor | None
+                           delta_softplus: bool, initial_state: torch.Tensor | None,
+                           checkpoints: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out (B, D, L)`` (stored like ``u``) and the last state ``(B, D, N)``.
 
     Arguments as :func:`subq.ops.scan.selective_scan` takes them, already checked, float32 on
-    the CPU.
+    the CPU; ``checkpoints``, if given (:func:`_checkpoint_buffer`), receives the states the
+    backward restarts from.
     """
-    library = _library()
-    if library is None:
-        raise RuntimeError(f"the scan kernel is unavailable: {unavailable_reason()}")
+    library = _checked_library()
     batch, channels, length = u.shape
-    n_state = A.shape[1]
-    A = A.contiguous()
-    D = None if D is None else D.contiguous()
-    delta_bias = None if delta_bias is None else delta_bias.contiguous()
     out = torch.empty_like(u)
-    last = u.new_empty(batch, channels, n_state)
-    B, b_strides, b_group = _projection(B, channels)
-    C, c_strides, c_group = _projection(C, channels)
-    args = _Args(batch, channels, length, n_state,
-                 u.data_ptr(), *u.stride(), delta.data_ptr(), *delta.stride(),
-                 None if delta_bias is None else delta_bias.data_ptr(), int(delta_softplus),
-                 *((z.data_ptr(), *z.stride()) if z is not None else (None, 0, 0, 0)),
-                 A.data_ptr(), B.data_ptr(), *b_strides, b_group, C.data_ptr(), *c_strides,
-                 c_group, None if D is None else D.data_ptr(),
-                 *((initial_state.data_ptr(), *initial_state.stride())
-                   if initial_state is not None else (None, 0, 0, 0)),
-                 out.data_ptr(), *out.stride(), last.data_ptr())
-    jobs = batch * -(-channels // _LANES)
-    threads = max(1, min(torch.get_num_threads(), jobs))
-    if threads == 1 or jobs * length * n_state * _LANES < _SERIAL_WORK:
-        ranges = [(0, jobs)]
-    else:
-        bounds = [jobs * i // threads for i in range(threads + 1)]
-        ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
+    last = u.new_empty(batch, channels, A.shape[1])
+    args, keep = _scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                            initial_state, out, last, checkpoints)
     pointer = ctypes.byref(args)
-    if len(ranges) == 1:
-        codes = [library.subq_selective_scan_f32(pointer, *ranges[0])]
-    else:
-        codes = list(_pool(len(ranges)).map(
-            lambda r: library.subq_selective_scan_f32(pointer, *r), ranges))
-    if any(codes):
-        raise MemoryError("the scan kernel could not allocate its scratch buffers")
+    _run(lambda first, stop, slot: library.subq_selective_scan_f32(pointer, first, stop),
+         _job_ranges(batch, channels, length, A.shape[1]))
+    del keep
     return out, last
+
+
+def _checkpoint_buffer(u: torch.Tensor, n_state: int) -> torch.Tensor:
+    """The state before every block of ``_TOKENS`` steps, per job: ``(jobs, blocks, N,
+    LANES)``."""
+    batch, channels, length = u.shape
+    return u.new_empty(batch * -(-channels // _LANES), -(-length // _TOKENS), n_state, _LANES)
+
+
+class FusedSelectiveScan(torch.autograd.Function):
+    """The scan with the fused kernel both ways: forward saving a state every ``_TOKENS``
+    steps (memory ``B D N L / _TOKENS``), backward recomputing each block from it and running
+    the adjoint recurrence (see the C source). Arguments as :func:`selective_scan_forward`;
+    returns ``out`` and the last state, both differentiable."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+        checkpoints = _checkpoint_buffer(u, A.shape[1])
+        out, last = selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                           initial_state, checkpoints)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
+        ctx.delta_softplus = delta_softplus
+        return out, last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
+        library = _checked_library()
+        batch, channels, length = u.shape
+        ranges = _job_ranges(batch, channels, length, A.shape[1])
+        slots = len(ranges)
+        args, keep = _scan_args(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+                                initial_state, None, None, checkpoints)
+        du, ddelta = (u.new_empty(u.shape) for _ in range(2))
+        dz = None if z is None else u.new_empty(u.shape)
+        dh0 = u.new_empty(batch, channels, A.shape[1])
+        dA = A.new_zeros(slots, *A.shape)
+        dD, dbias = (u.new_zeros(slots, channels) for _ in range(2))
+        dB, dC = B.new_zeros(slots, *B.shape), C.new_zeros(slots, *C.shape)
+        dlast = None if dlast is None else dlast.contiguous()
+        grads = _Grads(*_strided(dout, 3), _pointer(dlast), du.data_ptr(), ddelta.data_ptr(),
+                       _pointer(dz), dh0.data_ptr(), dA.data_ptr(), dD.data_ptr(),
+                       dbias.data_ptr(), dB.data_ptr(), *_projection(dB[0], channels)[1],
+                       dB.stride(0), dC.data_ptr(), *_projection(dC[0], channels)[1],
+                       dC.stride(0), dA.stride(0), dD.stride(0))
+        pointers = ctypes.byref(args), ctypes.byref(grads)
+        _run(lambda first, stop, slot: library.subq_selective_scan_backward_f32(
+            *pointers, first, stop, slot), ranges)
+        del keep
+        return (du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0),
+                None if D is None else dD.sum(0), dz,
+                None if delta_bias is None else dbias.sum(0),
+                None if initial_state is None else dh0, None)

@@ -1,8 +1,9 @@
-"""The fused CPU kernel of the scan's inference forward (``subq/ops/csrc/selective_scan.c``):
-== the float64 reference loop for every layout of u/delta/z (channel-major, time-major, strided
-views), of B/C (time-invariant, shared, grouped with groups inside and across SIMD lanes,
-per channel), every optional part, partial channel blocks and token blocks, initial and final
-states; threads change nothing; NaN and overflow propagate as in the loop; the dispatch, the
+"""The fused CPU kernel of the scan (``subq/ops/csrc/selective_scan.c``), forward and backward:
+== the float64 reference loop (values, final states, every gradient) for every layout of
+u/delta/z (channel-major, time-major, strided views), of B/C (time-invariant, shared, grouped
+with groups inside and across SIMD lanes, per channel), every optional part, partial channel
+blocks and token blocks; threads change nothing but rounding of sums; NaN and overflow
+propagate as in the loop; the backward saves one state per 64 steps; the dispatch, the
 on-disk cache and the fallback when no compiler works."""
 
 from __future__ import annotations
@@ -168,21 +169,113 @@ def test_threads_split_the_channel_blocks_without_changing_a_bit():
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
-def test_dispatch_only_for_float32_cpu_without_autograd(monkeypatch):
+def test_dispatch_only_for_float32_cpu(monkeypatch):
     calls = []
-    forward = scan_kernel.selective_scan_forward
-    monkeypatch.setattr(scan_kernel, "selective_scan_forward",
-                        lambda *a: calls.append(1) or forward(*a))
+    forward, fused = scan_kernel.selective_scan_forward, scan_kernel.FusedSelectiveScan.apply
+    monkeypatch.setattr(scan_kernel, "selective_scan_forward",  # + checkpoints: for autograd
+                        lambda *a: calls.append("kernel" + "+saves" * (len(a) > 10))
+                        or forward(*a))
+    monkeypatch.setattr(scan_kernel.FusedSelectiveScan, "apply",
+                        lambda *a: calls.append("autograd") or fused(*a))
     args = _inputs(batch=1, channels=8, n=4, length=10)
     _kernel(args)
-    assert len(calls) == 1
+    selective_scan(**(args | dict(u=args["u"].clone().requires_grad_(True))))
+    expected = ["kernel", "autograd", "kernel+saves"]
+    assert calls == expected
     _kernel({k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()})
-    selective_scan(**(args | dict(u=args["u"].requires_grad_(True))))
     with scan_kernel.disabled():
         assert not scan_kernel.available()
         fallback = _kernel(args)
-    assert len(calls) == 1  # float64, autograd and disabled take the chunked form
+        selective_scan(**(args | dict(u=args["u"].clone().requires_grad_(True))))
+    assert calls == expected  # float64 and disabled() take the chunked form
     assert rel_rms(_reference(args)[0], fallback[0]) <= 1e-4
+
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def _gradients(args: dict, cot_out: torch.Tensor, cot_last: torch.Tensor, fn, dtype):
+    """Outputs and the gradients of every tensor argument, computed in ``dtype``."""
+    leaves = {k: v.to(dtype).requires_grad_(True) if isinstance(v, torch.Tensor) else v
+              for k, v in args.items()}
+    out, last = fn(**leaves, return_last_state=True)
+    loss = (out * cot_out.to(dtype)).sum() + (last * cot_last.to(dtype)).sum()
+    names = [k for k in GRAD_NAMES if isinstance(leaves.get(k), torch.Tensor)]
+    return [out, last, *torch.autograd.grad(loss, [leaves[k] for k in names])], names
+
+
+@pytest.mark.parametrize("layout", ["time-invariant", "shared", "groups-of-4", "per-channel"])
+@pytest.mark.parametrize("channels, length", [(8, 1), (20, 64), (20, 65), (8, 200)])
+@pytest.mark.parametrize("options", ["all", "none"])
+def test_fused_backward_equals_reference(layout, channels, length, options):
+    """The fused backward (checkpoint per 64 steps, adjoint recurrence in C) == autograd
+    through the float64 loop: every input's gradient, with the last state as an output too."""
+    args = _inputs(batch=2, channels=channels, n=16, length=length, layout=layout)
+    if options == "none":
+        args = {k: args[k] for k in ("u", "delta", "A", "B", "C")}
+        args["delta"] = args["delta"].abs()
+    cot_out = torch.randn(args["u"].shape)
+    cot_last = torch.randn(2, channels, 16)
+    ref, names = _gradients(args, cot_out, cot_last, selective_scan_reference, torch.float64)
+    fast, _ = _gradients(args, cot_out, cot_last, selective_scan, torch.float32)
+    for name, r, f in zip(["out", "last", *names], ref, fast, strict=True):
+        assert f.dtype == torch.float32 and f.shape == r.shape, name
+        assert rel_rms(r, f) <= TOL, name
+
+
+@pytest.mark.parametrize("storage", ["channel-major", "time-major", "strided"])
+def test_fused_backward_any_storage_and_partial_gradients(storage):
+    """u, delta, z stored any way; only some inputs require a gradient; out alone or the last
+    state alone in the loss."""
+    args = _inputs(batch=2, channels=12, n=5, length=150, layout="grouped")
+    for name in ("u", "delta", "z"):
+        args[name] = _with_layout(args[name], storage)
+    delta = args["delta"].clone().requires_grad_(True)
+    A = args["A"].clone().requires_grad_(True)
+    out, last = selective_scan(**(args | dict(delta=delta, A=A)), return_last_state=True)
+    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    d64, a64 = wide["delta"].requires_grad_(True), wide["A"].requires_grad_(True)
+    ref, ref_last = selective_scan_reference(**(wide | dict(delta=d64, A=a64)),
+                                             return_last_state=True)
+    for loss, ref_loss in ((out.sum(), ref.sum()), (last.square().sum(),
+                                                   ref_last.square().sum())):
+        grads = torch.autograd.grad(loss, [delta, A], retain_graph=True)
+        ref_grads = torch.autograd.grad(ref_loss, [d64, a64], retain_graph=True)
+        for g, r in zip(grads, ref_grads, strict=True):
+            assert rel_rms(r, g) <= TOL
+
+
+def test_fused_backward_threads_agree():
+    """Per-element gradients are bit-identical for 1 and 2 threads; the sums over channels or
+    batch rows (A, B, C, D, delta_bias) are added per thread, so only rounding differs."""
+    args = _inputs(batch=3, channels=64, n=16, length=300)
+    cot_out, cot_last = torch.randn(3, 64, 300), torch.randn(3, 64, 16)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, names = _gradients(args, cot_out, cot_last, selective_scan, torch.float32)
+        torch.set_num_threads(2)
+        two, _ = _gradients(args, cot_out, cot_last, selective_scan, torch.float32)
+    finally:
+        torch.set_num_threads(previous)
+    for name, a, b in zip(["out", "last", *names], one, two, strict=True):
+        if name in ("out", "last", "u", "delta", "z", "initial_state"):
+            assert torch.equal(a, b), name
+        else:
+            assert rel_rms(a, b) <= 1e-6, name
+
+
+def test_fused_backward_memory_is_a_checkpoint_per_block():
+    """What the forward saves besides its inputs: one (N, 8-lane) state per 64 steps per job,
+    B D N L / 64 floats, not the (B, D, N, L) states."""
+    args = _inputs(batch=1, channels=16, n=16, length=4096)
+    leaves = {k: v.requires_grad_(True) if isinstance(v, torch.Tensor) else v
+              for k, v in args.items()}
+    out = selective_scan(**leaves)
+    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    checkpoints = [t for t in saved if not any(t is v for v in leaves.values())]
+    assert len(checkpoints) == 1
+    assert checkpoints[0].numel() == 1 * 16 * 16 * 4096 // 64
 
 
 def test_builds_into_the_cache_once_and_falls_back_without_a_compiler(monkeypatch, tmp_path):

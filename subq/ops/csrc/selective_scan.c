@@ -1,4 +1,4 @@
-/* The Mamba-1 selective scan forward (inference), fused into one pass on the CPU.
+/* The Mamba-1 selective scan on the CPU, forward and backward, each fused into one pass.
  *
  * Gu & Dao 2023, "Mamba", eq. 2a-2b (the math of subq/ops/scan.py, whose loop reference this
  * kernel is tested against): for every batch row b, channel d and state index n,
@@ -15,6 +15,19 @@
  * layout and the Mamba mixer's time-major views read contiguously along their fast axis).
  * Work is split into jobs, one per (batch row, block of LANES channels); the caller runs
  * disjoint job ranges on its threads.
+ *
+ * For training the forward also saves each job's state at the start of every block of
+ * TOKENS steps; the backward runs the blocks last to first, recomputes a block's decays and
+ * states from its checkpoint, then runs the adjoint recurrence backwards in t,
+ *
+ *     g_t[n] = C_t[n] dy_t + a_{t+1}[n] g_{t+1}[n]     (g after the last step: d last state)
+ *
+ * with dy_t the cotangent of y_t (through the gate), and forms every gradient from it:
+ * dB_t[n] = sum_d g_t delta_t u_t, dC_t[n] = sum_d dy_t h_t, dA[n] = sum_t g_t a_t h_{t-1}
+ * delta_t, d delta_t = sum_n g_t (a_t h_{t-1} A[n] + u_t B_t[n]) (times softplus' = sigmoid),
+ * du_t = D dy_t + delta_t sum_n g_t B_t[n], d initial state = a_0 g_0. Sums over channels
+ * (dB, dC) and over batch rows (dA, dD, d delta_bias) are accumulated per calling thread
+ * into its own buffers, which the caller adds up.
  *
  * Built by subq/ops/scan_kernel.py with the system C compiler (-O3 -march=native); no
  * -ffast-math, which would break the rounding trick in exp2_v and reorder sums.
@@ -50,7 +63,24 @@ typedef struct {
     float *out;
     int64_t out_b, out_d, out_t;
     float *last; /* (B, D, N) contiguous, or NULL */
+    float *checkpoints; /* NULL, or [job][block][N][LANES]: state before each TOKENS block */
 } scan_args;
+
+typedef struct {
+    const float *dout; /* cotangent of out */
+    int64_t dout_b, dout_d, dout_t;
+    const float *dlast; /* (B, D, N) contiguous cotangent of the last state, or NULL */
+    float *du, *ddelta, *dz; /* (B, D, L) contiguous; dz NULL without a gate */
+    float *dh0; /* (B, D, N) contiguous */
+    /* per-thread accumulators (zeroed by the caller), thread k's at base + k * stride */
+    float *dA; /* (D, N) */
+    float *dD, *dbias; /* (D,) each */
+    float *dB; /* B's logical shape: strides below (t: 0 when B is time-invariant) */
+    int64_t dB_b, dB_g, dB_n, dB_t, dB_thread;
+    float *dC;
+    int64_t dC_b, dC_g, dC_n, dC_t, dC_thread;
+    int64_t dA_thread, dvec_thread;
+} scan_grads;
 
 static const float LOG2E = 1.4426950408889634f;
 
@@ -115,13 +145,6 @@ static inline vf softplus_v(vf x) {
     return at_least(x, 0.0f) + 2.0f * s * p;
 }
 
-/* Per-job scratch: time-major blocks of the inputs and the state, LANES channels wide. */
-typedef struct {
-    vf *dl, *w, *u, *z, *y; /* [TOKENS] */
-    float *B, *C; /* [TOKENS][N][LANES], or [TOKENS][N] when all lanes share a group */
-    vf *h, *a2; /* [N] */
-} scratch;
-
 /* Rows [t0, t0 + steps) of a strided (lanes x time) plane into dst[t][l]; lanes >= `lanes`
  * are zero (a zero delta and drive leave their state untouched). */
 static void load_block(vf *dst, const float *src, int64_t s_d, int64_t s_t, int64_t t0,
@@ -176,6 +199,70 @@ static void load_projection(float *dst, const float *src, int64_t s_b, int64_t s
     }
 }
 
+/* Per-job scratch: time-major blocks of the inputs, LANES channels wide. */
+typedef struct {
+    vf *dl, *w, *u, *z, *y, *sig; /* [TOKENS]; sig = softplus'(raw delta), backward only */
+    float *B, *C; /* [TOKENS][N][LANES], or [TOKENS][N] when all lanes share a group */
+    vf *h, *a2, *A; /* [N]: state, A log2 e, A */
+} scratch;
+
+/* What a job (batch row b, channels d0 .. d0 + lanes - 1) reads its inputs with. */
+typedef struct {
+    int64_t b, d0, job;
+    int lanes, shared_b, shared_c;
+    vf skip, bias;
+    const float *u, *delta, *z;
+} job_view;
+
+static job_view open_job(const scan_args *a, scratch *s, int64_t job) {
+    const int64_t n_state = a->nstate, blocks = (a->channels + LANES - 1) / LANES;
+    job_view j;
+    j.job = job;
+    j.b = job / blocks;
+    j.d0 = (job % blocks) * LANES;
+    j.lanes = (int)(a->channels - j.d0 < LANES ? a->channels - j.d0 : LANES);
+    j.shared_b = j.d0 / a->B_per_group == (j.d0 + j.lanes - 1) / a->B_per_group;
+    j.shared_c = j.d0 / a->C_per_group == (j.d0 + j.lanes - 1) / a->C_per_group;
+    j.skip = j.bias = splat(0.0f);
+    for (int l = 0; l < j.lanes; ++l) {
+        j.skip[l] = a->D ? a->D[j.d0 + l] : 0.0f;
+        j.bias[l] = a->delta_bias ? a->delta_bias[j.d0 + l] : 0.0f;
+    }
+    for (int64_t n = 0; n < n_state; ++n) {
+        s->A[n] = s->a2[n] = s->h[n] = splat(0.0f);
+        for (int l = 0; l < j.lanes; ++l) {
+            s->A[n][l] = a->A[(j.d0 + l) * n_state + n];
+            s->a2[n][l] = s->A[n][l] * LOG2E;
+            if (a->h0) s->h[n][l] = a->h0[j.b * a->h0_b + (j.d0 + l) * a->h0_d + n * a->h0_n];
+        }
+    }
+    j.u = a->u + j.b * a->u_b + j.d0 * a->u_d;
+    j.delta = a->delta + j.b * a->delta_b + j.d0 * a->delta_d;
+    j.z = a->z ? a->z + j.b * a->z_b + j.d0 * a->z_d : NULL;
+    return j;
+}
+
+/* Steps [t0, t0 + steps) of the job's inputs into the scratch: delta discretised (and, with
+ * `derivative`, softplus' into sig), w = delta u, B, C and z. Padded lanes read zeros
+ * (softplus(0) = log 2 there, but their drive, output and cotangents are all zero). */
+static void load_inputs(const scan_args *a, scratch *s, const job_view *j, int64_t t0,
+                        int64_t steps, int derivative) {
+    load_block(s->dl, j->delta, a->delta_d, a->delta_t, t0, steps, j->lanes);
+    load_block(s->u, j->u, a->u_d, a->u_t, t0, steps, j->lanes);
+    if (j->z) load_block(s->z, j->z, a->z_d, a->z_t, t0, steps, j->lanes);
+    load_projection(s->B, a->B, a->B_b, a->B_g, a->B_n, a->B_t, a->B_per_group, j->b, j->d0,
+                    j->lanes, a->nstate, t0, steps, j->shared_b);
+    load_projection(s->C, a->C, a->C_b, a->C_g, a->C_n, a->C_t, a->C_per_group, j->b, j->d0,
+                    j->lanes, a->nstate, t0, steps, j->shared_c);
+    for (int64_t t = 0; t < steps; ++t) {
+        const vf raw = s->dl[t] + j->bias;
+        s->dl[t] = a->softplus ? softplus_v(raw) : raw;
+        if (derivative) /* softplus'(x) = sigmoid(x) */
+            s->sig[t] = a->softplus ? 1.0f / (1.0f + exp2_v(raw * -LOG2E)) : splat(1.0f);
+        s->w[t] = s->dl[t] * s->u[t];
+    }
+}
+
 /* B or C of state n at step t for all lanes: a splat of the group's value or a lane vector. */
 static inline vf projection(const float *x, int64_t n_state, int64_t t, int64_t n, int shared) {
     if (shared) return splat(x[t * n_state + n]);
@@ -184,97 +271,219 @@ static inline vf projection(const float *x, int64_t n_state, int64_t t, int64_t 
     return v;
 }
 
-/* The recurrence over one block of steps, y_t = sum_n C_t[n] h_t[n]; shared_b / shared_c are
- * constants at each call site, so the compiler emits one specialised loop per layout. */
+/* The recurrence over one block of steps, y_t = sum_n C_t[n] h_t[n]; with `decays` and
+ * `states` ([TOKENS][N] each) it also keeps a_t and h_t for the backward. shared_b, shared_c
+ * and keep are constants at each call site, so the compiler specialises every case. */
 __attribute__((always_inline)) static inline void scan_block(scratch *s, int64_t n_state,
                                                              int64_t steps, int shared_b,
-                                                             int shared_c) {
+                                                             int shared_c, int keep,
+                                                             vf *decays, vf *states) {
     for (int64_t t = 0; t < steps; ++t) {
         const vf dl = s->dl[t], w = s->w[t];
         vf y = splat(0.0f);
         for (int64_t n = 0; n < n_state; ++n) {
-            const vf h = exp2_v(dl * s->a2[n]) * s->h[n]
-                         + w * projection(s->B, n_state, t, n, shared_b);
+            const vf decay = exp2_v(dl * s->a2[n]);
+            const vf h = decay * s->h[n] + w * projection(s->B, n_state, t, n, shared_b);
             s->h[n] = h;
             y += projection(s->C, n_state, t, n, shared_c) * h;
+            if (keep) {
+                decays[t * n_state + n] = decay;
+                states[t * n_state + n] = h;
+            }
         }
         s->y[t] = y;
     }
 }
 
-static void run_job(const scan_args *a, scratch *s, int64_t job) {
-    const int64_t n_state = a->nstate, blocks = (a->channels + LANES - 1) / LANES;
-    const int64_t b = job / blocks, d0 = (job % blocks) * LANES;
-    const int lanes = (int)(a->channels - d0 < LANES ? a->channels - d0 : LANES);
-    const int shared_b = d0 / a->B_per_group == (d0 + lanes - 1) / a->B_per_group;
-    const int shared_c = d0 / a->C_per_group == (d0 + lanes - 1) / a->C_per_group;
-    vf skip = splat(0.0f), bias = splat(0.0f);
-    for (int l = 0; l < lanes; ++l) {
-        skip[l] = a->D ? a->D[d0 + l] : 0.0f;
-        bias[l] = a->delta_bias ? a->delta_bias[d0 + l] : 0.0f;
+static void scan_steps(scratch *s, const job_view *j, int64_t n_state, int64_t steps,
+                       vf *decays, vf *states) {
+    const int keep = decays != NULL;
+    if (keep) {
+        if (j->shared_b && j->shared_c) scan_block(s, n_state, steps, 1, 1, 1, decays, states);
+        else scan_block(s, n_state, steps, 0, 0, 1, decays, states);
+    } else if (j->shared_b && j->shared_c) {
+        scan_block(s, n_state, steps, 1, 1, 0, NULL, NULL);
+    } else if (j->shared_b) {
+        scan_block(s, n_state, steps, 1, 0, 0, NULL, NULL);
+    } else if (j->shared_c) {
+        scan_block(s, n_state, steps, 0, 1, 0, NULL, NULL);
+    } else {
+        scan_block(s, n_state, steps, 0, 0, 0, NULL, NULL);
     }
-    for (int64_t n = 0; n < n_state; ++n) {
-        s->a2[n] = s->h[n] = splat(0.0f);
-        for (int l = 0; l < lanes; ++l) {
-            s->a2[n][l] = a->A[(d0 + l) * n_state + n] * LOG2E;
-            if (a->h0) s->h[n][l] = a->h0[b * a->h0_b + (d0 + l) * a->h0_d + n * a->h0_n];
-        }
-    }
-    const float *u = a->u + b * a->u_b + d0 * a->u_d;
-    const float *delta = a->delta + b * a->delta_b + d0 * a->delta_d;
-    const float *z = a->z ? a->z + b * a->z_b + d0 * a->z_d : NULL;
-    float *out = a->out + b * a->out_b + d0 * a->out_d;
-    for (int64_t t0 = 0; t0 < a->length; t0 += TOKENS) {
+}
+
+static inline vf sigmoid_v(vf x) { return 1.0f / (1.0f + exp2_v(x * -LOG2E)); }
+
+static void forward_job(const scan_args *a, scratch *s, int64_t job) {
+    const int64_t n_state = a->nstate, blocks = (a->length + TOKENS - 1) / TOKENS;
+    const job_view j = open_job(a, s, job);
+    float *out = a->out + j.b * a->out_b + j.d0 * a->out_d;
+    vf *checkpoints = a->checkpoints ? (vf *)a->checkpoints + job * blocks * n_state : NULL;
+    for (int64_t t0 = 0, block = 0; t0 < a->length; t0 += TOKENS, ++block) {
         const int64_t steps = a->length - t0 < TOKENS ? a->length - t0 : TOKENS;
-        load_block(s->dl, delta, a->delta_d, a->delta_t, t0, steps, lanes);
-        load_block(s->u, u, a->u_d, a->u_t, t0, steps, lanes);
-        load_projection(s->B, a->B, a->B_b, a->B_g, a->B_n, a->B_t, a->B_per_group, b, d0,
-                        lanes, n_state, t0, steps, shared_b);
-        load_projection(s->C, a->C, a->C_b, a->C_g, a->C_n, a->C_t, a->C_per_group, b, d0,
-                        lanes, n_state, t0, steps, shared_c);
+        if (checkpoints) memcpy(checkpoints + block * n_state, s->h, sizeof(vf) * n_state);
+        load_inputs(a, s, &j, t0, steps, 0);
+        scan_steps(s, &j, n_state, steps, NULL, NULL);
         for (int64_t t = 0; t < steps; ++t) {
-            const vf raw = s->dl[t] + bias;
-            /* padded lanes: softplus(0) = log 2, but their drive and output are never used */
-            s->dl[t] = a->softplus ? softplus_v(raw) : raw;
-            s->w[t] = s->dl[t] * s->u[t];
+            s->y[t] += j.skip * s->u[t];
+            if (j.z) s->y[t] *= s->z[t] * sigmoid_v(s->z[t]); /* silu */
         }
-        if (shared_b && shared_c) scan_block(s, n_state, steps, 1, 1);
-        else if (shared_b) scan_block(s, n_state, steps, 1, 0);
-        else if (shared_c) scan_block(s, n_state, steps, 0, 1);
-        else scan_block(s, n_state, steps, 0, 0);
-        for (int64_t t = 0; t < steps; ++t) s->y[t] += skip * s->u[t];
-        if (z) { /* silu(z) = z / (1 + e^-z) */
-            load_block(s->z, z, a->z_d, a->z_t, t0, steps, lanes);
-            for (int64_t t = 0; t < steps; ++t)
-                s->y[t] *= s->z[t] / (1.0f + exp2_v(s->z[t] * -LOG2E));
-        }
-        store_block(out, s->y, a->out_d, a->out_t, t0, steps, lanes);
+        store_block(out, s->y, a->out_d, a->out_t, t0, steps, j.lanes);
     }
     if (a->last)
-        for (int l = 0; l < lanes; ++l)
+        for (int l = 0; l < j.lanes; ++l)
             for (int64_t n = 0; n < n_state; ++n)
-                a->last[(b * a->channels + d0 + l) * n_state + n] = s->h[n][l];
+                a->last[(j.b * a->channels + j.d0 + l) * n_state + n] = s->h[n][l];
+}
+
+static inline float lane_sum(vf v) {
+    float total = 0.0f;
+    for (int l = 0; l < LANES; ++l) total += v[l];
+    return total;
+}
+
+/* Adds a lane vector of per-channel contributions to B's or C's gradient at (t, n): summed
+ * over the lanes when they share a group, else each lane into its own group. */
+static inline void add_projection(float *grad, int64_t s_g, int64_t s_n, int64_t s_t,
+                                  int64_t per_group, const job_view *j, int shared, int64_t t,
+                                  int64_t n, vf v) {
+    float *p = grad + n * s_n + t * s_t;
+    if (shared) {
+        p[(j->d0 / per_group) * s_g] += lane_sum(v);
+        return;
+    }
+    for (int l = 0; l < j->lanes; ++l) p[((j->d0 + l) / per_group) * s_g] += v[l];
+}
+
+/* Backward scratch: a block's decays and states, the adjoint carry, per-lane sums. */
+typedef struct {
+    vf *decays, *states; /* [TOKENS][N] */
+    vf *dy, *dout, *du, *dd, *dz; /* [TOKENS] */
+    vf *carry, *dA; /* [N]: a_{t+1} g_{t+1}; sum of g a h_{t-1} delta */
+} adjoint_scratch;
+
+static void backward_job(const scan_args *a, const scan_grads *g, scratch *s,
+                         adjoint_scratch *r, int64_t job, int64_t thread) {
+    const int64_t n_state = a->nstate, blocks = (a->length + TOKENS - 1) / TOKENS;
+    const job_view j = open_job(a, s, job);
+    const vf *checkpoints = (const vf *)a->checkpoints + job * blocks * n_state;
+    const int64_t row = j.b * a->channels + j.d0; /* (b, d0) in (B, D, ...) contiguous */
+    const float *dout = g->dout + j.b * g->dout_b + j.d0 * g->dout_d;
+    float *dB = g->dB + thread * g->dB_thread + j.b * g->dB_b;
+    float *dC = g->dC + thread * g->dC_thread + j.b * g->dC_b;
+    vf dD = splat(0.0f), dbias = splat(0.0f);
+    for (int64_t n = 0; n < n_state; ++n) {
+        r->dA[n] = r->carry[n] = splat(0.0f);
+        if (g->dlast)
+            for (int l = 0; l < j.lanes; ++l)
+                r->carry[n][l] = g->dlast[(row + l) * n_state + n];
+    }
+    for (int64_t block = blocks - 1; block >= 0; --block) {
+        const int64_t t0 = block * TOKENS;
+        const int64_t steps = a->length - t0 < TOKENS ? a->length - t0 : TOKENS;
+        const vf *entry = checkpoints + block * n_state;
+        memcpy(s->h, entry, sizeof(vf) * n_state);
+        load_inputs(a, s, &j, t0, steps, 1);
+        load_block(r->dout, dout, g->dout_d, g->dout_t, t0, steps, j.lanes);
+        scan_steps(s, &j, n_state, steps, r->decays, r->states);
+        for (int64_t t = 0; t < steps; ++t) { /* through skip and gate */
+            vf dy = r->dout[t];
+            if (j.z) {
+                const vf zt = s->z[t], sg = sigmoid_v(zt);
+                r->dz[t] = dy * (s->y[t] + j.skip * s->u[t]) * sg * (1.0f + zt * (1.0f - sg));
+                dy *= zt * sg;
+            }
+            r->dy[t] = dy;
+            dD += dy * s->u[t];
+        }
+        for (int64_t t = steps - 1; t >= 0; --t) {
+            const vf dy = r->dy[t], dl = s->dl[t], u = s->u[t], w = s->w[t];
+            vf dd = splat(0.0f), du = j.skip * dy;
+            for (int64_t n = 0; n < n_state; ++n) {
+                const vf bn = projection(s->B, n_state, t, n, j.shared_b);
+                const vf cn = projection(s->C, n_state, t, n, j.shared_c);
+                const vf adj = r->carry[n] + cn * dy; /* g_t */
+                const vf decay = r->decays[t * n_state + n];
+                const vf before = t > 0 ? r->states[(t - 1) * n_state + n] : entry[n];
+                const vf dlog = adj * decay * before; /* d / d(delta_t A) */
+                r->dA[n] += dlog * dl;
+                dd += dlog * s->A[n] + adj * u * bn;
+                du += adj * dl * bn;
+                r->carry[n] = decay * adj;
+                add_projection(dB, g->dB_g, g->dB_n, g->dB_t, a->B_per_group, &j, j.shared_b,
+                               t0 + t, n, adj * w);
+                add_projection(dC, g->dC_g, g->dC_n, g->dC_t, a->C_per_group, &j, j.shared_c,
+                               t0 + t, n, dy * r->states[t * n_state + n]);
+            }
+            r->dd[t] = dd * s->sig[t];
+            r->du[t] = du;
+            dbias += r->dd[t];
+        }
+        store_block(g->du + row * a->length, r->du, a->length, 1, t0, steps, j.lanes);
+        store_block(g->ddelta + row * a->length, r->dd, a->length, 1, t0, steps, j.lanes);
+        if (g->dz) store_block(g->dz + row * a->length, r->dz, a->length, 1, t0, steps, j.lanes);
+    }
+    float *dA = g->dA + thread * g->dA_thread;
+    for (int l = 0; l < j.lanes; ++l) {
+        for (int64_t n = 0; n < n_state; ++n) {
+            g->dh0[(row + l) * n_state + n] = r->carry[n][l];
+            dA[(j.d0 + l) * n_state + n] += r->dA[n][l];
+        }
+        g->dD[thread * g->dvec_thread + j.d0 + l] += dD[l];
+        g->dbias[thread * g->dvec_thread + j.d0 + l] += dbias[l];
+    }
+}
+
+static char *alloc_scratch(scratch *s, int64_t n, size_t extra) {
+    const size_t plane = sizeof(vf) * TOKENS, state = sizeof(vf) * n;
+    const size_t projection = sizeof(float) * TOKENS * n * LANES;
+    char *memory = aligned_alloc(sizeof(vf), 6 * plane + 2 * projection + 3 * state + extra);
+    if (!memory) return NULL;
+    s->dl = (vf *)memory;
+    s->w = s->dl + TOKENS;
+    s->u = s->w + TOKENS;
+    s->z = s->u + TOKENS;
+    s->y = s->z + TOKENS;
+    s->sig = s->y + TOKENS;
+    s->h = s->sig + TOKENS;
+    s->a2 = s->h + n;
+    s->A = s->a2 + n;
+    s->B = (float *)(s->A + n);
+    s->C = s->B + TOKENS * n * LANES;
+    return memory;
 }
 
 /* Runs jobs [first, stop) (job = batch row * ceil(D / LANES) + channel block). Returns 0, or
  * -1 when the scratch could not be allocated. Safe to call concurrently on disjoint ranges. */
 int subq_selective_scan_f32(const scan_args *a, int64_t first, int64_t stop) {
-    const int64_t n = a->nstate;
-    const size_t plane = sizeof(vf) * TOKENS, state = sizeof(vf) * n;
-    const size_t projection = sizeof(float) * TOKENS * n * LANES;
-    char *memory = aligned_alloc(sizeof(vf), 5 * plane + 2 * projection + 2 * state);
-    if (!memory) return -1;
     scratch s;
-    s.dl = (vf *)memory;
-    s.w = s.dl + TOKENS;
-    s.u = s.w + TOKENS;
-    s.z = s.u + TOKENS;
-    s.y = s.z + TOKENS;
-    s.h = s.y + TOKENS;
-    s.a2 = s.h + n;
-    s.B = (float *)(s.a2 + n);
-    s.C = s.B + TOKENS * n * LANES;
-    for (int64_t job = first; job < stop; ++job) run_job(a, &s, job);
+    char *memory = alloc_scratch(&s, a->nstate, 0);
+    if (!memory) return -1;
+    for (int64_t job = first; job < stop; ++job) forward_job(a, &s, job);
+    free(memory);
+    return 0;
+}
+
+/* The backward of jobs [first, stop) after a forward that saved checkpoints; `thread`
+ * selects the accumulators. Returns 0, or -1 when the scratch could not be allocated. */
+int subq_selective_scan_backward_f32(const scan_args *a, const scan_grads *g, int64_t first,
+                                     int64_t stop, int64_t thread) {
+    const int64_t n = a->nstate;
+    const size_t blocks = sizeof(vf) * TOKENS * n, plane = sizeof(vf) * TOKENS;
+    scratch s;
+    char *memory = alloc_scratch(&s, n, 2 * blocks + 5 * plane + 2 * sizeof(vf) * n);
+    if (!memory) return -1;
+    adjoint_scratch r;
+    r.decays = (vf *)(s.C + TOKENS * n * LANES);
+    r.states = r.decays + TOKENS * n;
+    r.dy = r.states + TOKENS * n;
+    r.dout = r.dy + TOKENS;
+    r.du = r.dout + TOKENS;
+    r.dd = r.du + TOKENS;
+    r.dz = r.dd + TOKENS;
+    r.carry = r.dz + TOKENS;
+    r.dA = r.carry + n;
+    for (int64_t job = first; job < stop; ++job) backward_job(a, g, &s, &r, job, thread);
     free(memory);
     return 0;
 }
