@@ -2,12 +2,12 @@
 
     python benchmarks/scan_speed.py --length 16384 --reference-length 4096 --threads 1
 
-Prints the median time and tokens/s of the fast forward (inference: the fused C kernel on the
-CPU where it builds, else the chunked form) and forward+backward (the chunked custom
-backward) at ``--length``, of the chunked inference forward with the kernel switched off, and
-of the reference loop's forward and forward+backward at ``--reference-length`` (the loop
-costs the same per token at any length, so its time at ``--length`` is extrapolated linearly,
-and the script says so when the two lengths differ). The forms are timed in ``--rounds``
+Prints the median time and tokens/s of the fast forward and forward+backward (the fused C
+kernel on the CPU where it builds, else the chunked form) at ``--length``, of the chunked
+form's with the kernel switched off, and of the reference loop's forward and
+forward+backward at ``--reference-length`` (the loop costs the same per token at any length,
+so its time at ``--length`` is extrapolated linearly, and the script says so when the two
+lengths differ). The forms are timed in ``--rounds``
 alternating rounds and each speed-up is the median of the per-round ratios, with their range:
 on a shared or virtual machine the speed drifts by tens of percent over minutes. It first
 checks the fast forms against the reference on the reference-length inputs, values and
@@ -74,13 +74,11 @@ def _check(args: list, kwargs: dict) -> float:
     return max(rel_rms(r, f) for r, f in zip(*results, strict=True))
 
 
-def _chunked_forward_ms(args: list, kwargs: dict, repeats: int, device: torch.device
-                        ) -> float:
-    """Median ms of the eager chunked forward (the fused kernel switched off)."""
-    with torch.no_grad(), scan_kernel.disabled():
-        selective_scan(*args, **kwargs)
-        return statistics.median(median_ms(lambda: selective_scan(*args, **kwargs), repeats,
-                                           device))
+def _chunked_times(args: list, kwargs: dict, repeats: int, device: torch.device
+                   ) -> tuple[float, float]:
+    """:func:`_times` of the eager chunked form (the fused kernel switched off)."""
+    with scan_kernel.disabled():
+        return _times(selective_scan, args, kwargs, repeats, device)
 
 
 def main() -> None:
@@ -114,23 +112,24 @@ def main() -> None:
     for _ in range(args.rounds):
         rounds.append((*_times(selective_scan_reference, *ref_inputs, 1, device),
                        *_times(selective_scan, *fast_inputs, args.repeats, device),
-                       _chunked_forward_ms(*fast_inputs, args.repeats, device) if kernel
-                       else float("nan")))
-    ref_fwd, ref_train, fast_fwd, fast_train, chunked_fwd = (
-        statistics.median(r[i] for r in rounds) for i in range(5))
+                       *(_chunked_times(*fast_inputs, args.repeats, device) if kernel
+                         else (float("nan"), float("nan")))))
+    ref_fwd, ref_train, fast_fwd, fast_train, chunked_fwd, chunked_train = (
+        statistics.median(r[i] for r in rounds) for i in range(6))
     scale = args.length / args.reference_length
-    forward_form = "fused C kernel" if kernel else "chunked" + (
+    fast_form = "fused C kernel" if kernel else "chunked" + (
         f"; no kernel: {scan_kernel.unavailable_reason()}" if device.type == "cpu" else "")
     print(f"device={device} L={args.length} d_inner={args.channels} N={args.state} float32 "
           f"B=1 threads={torch.get_num_threads()} layout={args.layout} "
           f"max rel_rms (values, grads)={err:.1e} rounds={args.rounds} "
-          f"inference forward: {forward_form}")
+          f"fast form: {fast_form}")
     rows = [(f"reference forward (L={args.reference_length})", ref_fwd, args.reference_length),
             (f"reference fwd+bwd (L={args.reference_length})", ref_train, args.reference_length),
             ("fast forward", fast_fwd, args.length),
-            ("fast forward+backward (chunked)", fast_train, args.length)]
+            ("fast forward+backward", fast_train, args.length)]
     if kernel:
-        rows.append(("chunked forward (kernel off)", chunked_fwd, args.length))
+        rows += [("chunked forward (kernel off)", chunked_fwd, args.length),
+                 ("chunked fwd+bwd (kernel off)", chunked_train, args.length)]
     for name, ms, length in rows:
         print(f"{name:34s} {ms:10.1f} ms {length / ms * 1e3:12.0f} tokens/s (median of rounds)")
     note = "" if scale == 1 else \
@@ -144,7 +143,7 @@ def main() -> None:
 
     parts = [ratio("forward", 0, 2), ratio("forward+backward", 1, 3)]
     if kernel:
-        parts.append(ratio("chunked forward", 0, 4))
+        parts += [ratio("chunked forward", 0, 4), ratio("chunked forward+backward", 1, 5)]
     print(f"speed-up at L={args.length}{note}, median of {args.rounds} rounds [range]: "
           + ", ".join(parts))
 

@@ -204,13 +204,52 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return pools[threads]
 
 
+def _time_major(x: torch.Tensor, channels: int) -> bool:
+    """Whether the kernel gets B or C time-major: when it varies in time and every block of
+    ``_LANES`` channels reads one group (shared, or groups of a multiple of ``_LANES``
+    channels), so that a block of steps is one contiguous ``[t][n]`` array read in place. Per
+    lane groups are gathered per block by the kernel from any strides instead."""
+    return x.dim() == 3 or (x.dim() == 4 and (channels // x.shape[1]) % _LANES == 0)
+
+
 def _projection(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, tuple[int, ...], int]:
-    """B or C as strides ``(batch, group, n, t)`` and channels per group."""
+    """B or C for the kernel: the tensor (made time-major where :func:`_time_major`: a copy
+    of ``B G N L`` floats), its strides ``(batch, group, n, t)`` and channels per group."""
     if x.dim() == 2:  # (D, N): time-invariant, one group per channel
         return x, (0, x.stride(0), x.stride(1), 0), 1
     if x.dim() == 3:  # (B, N, L): shared by all channels
-        return x, (x.stride(0), 0, x.stride(1), x.stride(2)), channels
-    return x, tuple(x.stride()), channels // x.shape[1]  # (B, G, N, L)
+        x = x.transpose(1, 2).contiguous()
+        return x, (x.stride(0), 0, x.stride(2), x.stride(1)), channels
+    per_group = channels // x.shape[1]  # (B, G, N, L)
+    if _time_major(x, channels):
+        x = x.transpose(2, 3).contiguous()
+        return x, (x.stride(0), x.stride(1), x.stride(3), x.stride(2)), per_group
+    return x, tuple(x.stride()), per_group
+
+
+def _projection_grad(x: torch.Tensor, channels: int, slots: int) -> torch.Tensor:
+    """Zeroed per-thread accumulators ``(slots, ...)`` for the gradient of B or C, time-major
+    where :func:`_projection` makes ``x`` so."""
+    shape = (*x.shape[:-2], x.shape[-1], x.shape[-2]) if _time_major(x, channels) else x.shape
+    return x.new_zeros(slots, *shape)
+
+
+def _grad_strides(grad: torch.Tensor, time_major: bool) -> tuple[int, ...]:
+    """``(batch, group, n, t, thread)`` strides of a :func:`_projection_grad` buffer."""
+    strides = grad.stride()
+    if grad.dim() == 3:  # (slots, D, N)
+        return 0, strides[1], strides[2], 0, strides[0]
+    if grad.dim() == 4:  # (slots, B, L, N)
+        return strides[1], 0, strides[3], strides[2], strides[0]
+    if time_major:  # (slots, B, G, L, N)
+        return strides[1], strides[2], strides[4], strides[3], strides[0]
+    return strides[1], strides[2], strides[3], strides[4], strides[0]  # (slots, B, G, N, L)
+
+
+def _projection_grad_sum(grad: torch.Tensor, time_major: bool) -> torch.Tensor:
+    """The per-thread accumulators summed, in the layout of the original B or C."""
+    total = grad.sum(0)
+    return total.transpose(-1, -2) if time_major else total
 
 
 def _pointer(x: torch.Tensor | None) -> int | None:
@@ -329,18 +368,20 @@ class FusedSelectiveScan(torch.autograd.Function):
         dh0 = u.new_empty(batch, channels, A.shape[1])
         dA = A.new_zeros(slots, *A.shape)
         dD, dbias = (u.new_zeros(slots, channels) for _ in range(2))
-        dB, dC = B.new_zeros(slots, *B.shape), C.new_zeros(slots, *C.shape)
+        major = _time_major(B, channels), _time_major(C, channels)
+        dB, dC = _projection_grad(B, channels, slots), _projection_grad(C, channels, slots)
         dlast = None if dlast is None else dlast.contiguous()
         grads = _Grads(*_strided(dout, 3), _pointer(dlast), du.data_ptr(), ddelta.data_ptr(),
                        _pointer(dz), dh0.data_ptr(), dA.data_ptr(), dD.data_ptr(),
-                       dbias.data_ptr(), dB.data_ptr(), *_projection(dB[0], channels)[1],
-                       dB.stride(0), dC.data_ptr(), *_projection(dC[0], channels)[1],
-                       dC.stride(0), dA.stride(0), dD.stride(0))
+                       dbias.data_ptr(), dB.data_ptr(), *_grad_strides(dB, major[0]),
+                       dC.data_ptr(), *_grad_strides(dC, major[1]), dA.stride(0),
+                       dD.stride(0))
         pointers = ctypes.byref(args), ctypes.byref(grads)
         _run(lambda first, stop, slot: library.subq_selective_scan_backward_f32(
             *pointers, first, stop, slot), ranges)
         del keep
-        return (du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0),
+        return (du, ddelta, dA.sum(0), _projection_grad_sum(dB, major[0]),
+                _projection_grad_sum(dC, major[1]),
                 None if D is None else dD.sum(0), dz,
                 None if delta_bias is None else dbias.sum(0),
                 None if initial_state is None else dh0, None)

@@ -245,6 +245,21 @@ def test_fused_backward_any_storage_and_partial_gradients(storage):
             assert rel_rms(r, g) <= TOL
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_groups_of_whole_lane_blocks(groups):
+    """Groups of 24 or 8 channels (every block of 8 lanes reads one group): B and C go to the
+    kernel time-major and are read in place, and their gradients are accumulated time-major;
+    values and every gradient == the float64 loop."""
+    args = _inputs(batch=2, channels=24, n=16, length=130)
+    args["B"], args["C"] = (torch.randn(2, groups, 16, 130) for _ in range(2))
+    cot_out, cot_last = torch.randn(2, 24, 130), torch.randn(2, 24, 16)
+    ref, names = _gradients(args, cot_out, cot_last, selective_scan_reference, torch.float64)
+    fast, _ = _gradients(args, cot_out, cot_last, selective_scan, torch.float32)
+    for name, r, f in zip(["out", "last", *names], ref, fast, strict=True):
+        assert rel_rms(r, f) <= TOL, name
+    assert rel_rms(ref[0], _kernel(args)[0]) <= TOL
+
+
 def test_fused_backward_threads_agree():
     """Per-element gradients are bit-identical for 1 and 2 threads; the sums over channels or
     batch rows (A, B, C, D, delta_bias) are added per thread, so only rounding differs."""

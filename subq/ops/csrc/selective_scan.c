@@ -180,16 +180,20 @@ static void store_block(float *dst, const vf *src, int64_t s_d, int64_t s_t, int
     }
 }
 
-/* B or C for the block: [t][n][l] per lane, or [t][n] when every lane reads one group. */
-static void load_projection(float *dst, const float *src, int64_t s_b, int64_t s_g, int64_t s_n,
-                            int64_t s_t, int64_t per_group, int64_t b, int64_t d0, int lanes,
-                            int64_t n_state, int64_t t0, int64_t steps, int shared) {
+/* B or C for the block as [t][n] (all lanes share a group) or [t][n][l] (per lane): a pointer
+ * straight into src when it is already stored [t][n] (time-major, as the caller passes a
+ * shared or grouped B), else a copy into dst. */
+static const float *load_projection(float *dst, const float *src, int64_t s_b, int64_t s_g,
+                                    int64_t s_n, int64_t s_t, int64_t per_group, int64_t b,
+                                    int64_t d0, int lanes, int64_t n_state, int64_t t0,
+                                    int64_t steps, int shared) {
     src += b * s_b + t0 * s_t;
     if (shared) {
         const float *p = src + (d0 / per_group) * s_g;
+        if (s_n == 1 && s_t == n_state) return p;
         for (int64_t n = 0; n < n_state; ++n)
             for (int64_t t = 0; t < steps; ++t) dst[t * n_state + n] = p[n * s_n + t * s_t];
-        return;
+        return dst;
     }
     for (int l = 0; l < LANES; ++l) {
         const float *p = src + ((d0 + l) / per_group) * s_g;
@@ -197,12 +201,14 @@ static void load_projection(float *dst, const float *src, int64_t s_b, int64_t s
             for (int64_t t = 0; t < steps; ++t)
                 dst[(t * n_state + n) * LANES + l] = l < lanes ? p[n * s_n + t * s_t] : 0.0f;
     }
+    return dst;
 }
 
 /* Per-job scratch: time-major blocks of the inputs, LANES channels wide. */
 typedef struct {
     vf *dl, *w, *u, *z, *y, *sig; /* [TOKENS]; sig = softplus'(raw delta), backward only */
     float *B, *C; /* [TOKENS][N][LANES], or [TOKENS][N] when all lanes share a group */
+    const float *Bp, *Cp; /* the block's B and C: the buffers above or the caller's memory */
     vf *h, *a2, *A; /* [N]: state, A log2 e, A */
 } scratch;
 
@@ -250,10 +256,10 @@ static void load_inputs(const scan_args *a, scratch *s, const job_view *j, int64
     load_block(s->dl, j->delta, a->delta_d, a->delta_t, t0, steps, j->lanes);
     load_block(s->u, j->u, a->u_d, a->u_t, t0, steps, j->lanes);
     if (j->z) load_block(s->z, j->z, a->z_d, a->z_t, t0, steps, j->lanes);
-    load_projection(s->B, a->B, a->B_b, a->B_g, a->B_n, a->B_t, a->B_per_group, j->b, j->d0,
-                    j->lanes, a->nstate, t0, steps, j->shared_b);
-    load_projection(s->C, a->C, a->C_b, a->C_g, a->C_n, a->C_t, a->C_per_group, j->b, j->d0,
-                    j->lanes, a->nstate, t0, steps, j->shared_c);
+    s->Bp = load_projection(s->B, a->B, a->B_b, a->B_g, a->B_n, a->B_t, a->B_per_group, j->b,
+                            j->d0, j->lanes, a->nstate, t0, steps, j->shared_b);
+    s->Cp = load_projection(s->C, a->C, a->C_b, a->C_g, a->C_n, a->C_t, a->C_per_group, j->b,
+                            j->d0, j->lanes, a->nstate, t0, steps, j->shared_c);
     for (int64_t t = 0; t < steps; ++t) {
         const vf raw = s->dl[t] + j->bias;
         s->dl[t] = a->softplus ? softplus_v(raw) : raw;
@@ -283,9 +289,9 @@ __attribute__((always_inline)) static inline void scan_block(scratch *s, int64_t
         vf y = splat(0.0f);
         for (int64_t n = 0; n < n_state; ++n) {
             const vf decay = exp2_v(dl * s->a2[n]);
-            const vf h = decay * s->h[n] + w * projection(s->B, n_state, t, n, shared_b);
+            const vf h = decay * s->h[n] + w * projection(s->Bp, n_state, t, n, shared_b);
             s->h[n] = h;
-            y += projection(s->C, n_state, t, n, shared_c) * h;
+            y += projection(s->Cp, n_state, t, n, shared_c) * h;
             if (keep) {
                 decays[t * n_state + n] = decay;
                 states[t * n_state + n] = h;
@@ -336,28 +342,75 @@ static void forward_job(const scan_args *a, scratch *s, int64_t job) {
                 a->last[(j.b * a->channels + j.d0 + l) * n_state + n] = s->h[n][l];
 }
 
-static inline float lane_sum(vf v) {
-    float total = 0.0f;
-    for (int l = 0; l < LANES; ++l) total += v[l];
-    return total;
+/* The lane sums of v[0..7], as one vector [sum v0, ..., sum v7]: three rounds of pairwise
+ * shuffles and adds instead of 8 horizontal reductions (LANES = 8). */
+static inline vf lane_sums8(const vf *v) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+    vf pair[4], quad[2];
+    for (int i = 0; i < 4; ++i)
+        pair[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14)
+                  + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; ++i)
+        quad[i] = __builtin_shufflevector(pair[2 * i], pair[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
+                  + __builtin_shufflevector(pair[2 * i], pair[2 * i + 1], 2, 3, 10, 11, 6, 7, 14,
+                                            15);
+    return __builtin_shufflevector(quad[0], quad[1], 0, 1, 2, 3, 8, 9, 10, 11)
+           + __builtin_shufflevector(quad[0], quad[1], 4, 5, 6, 7, 12, 13, 14, 15);
+#else
+    vf sums;
+    for (int i = 0; i < LANES; ++i) {
+        sums[i] = 0.0f;
+        for (int l = 0; l < LANES; ++l) sums[i] += v[i][l];
+    }
+    return sums;
+#endif
 }
 
-/* Adds a lane vector of per-channel contributions to B's or C's gradient at (t, n): summed
- * over the lanes when they share a group, else each lane into its own group. */
-static inline void add_projection(float *grad, int64_t s_g, int64_t s_n, int64_t s_t,
-                                  int64_t per_group, const job_view *j, int shared, int64_t t,
-                                  int64_t n, vf v) {
-    float *p = grad + n * s_n + t * s_t;
-    if (shared) {
-        p[(j->d0 / per_group) * s_g] += lane_sum(v);
+/* Adds a block's per-lane contributions part[t][n] (channel lanes) to B's or C's gradient
+ * at steps t0 + t: summed over the lanes when they share a group (offset[0]), else each lane
+ * into its own group (offset[l]). The gradient is written n by n along t (its contiguous axis
+ * for (B, G, N, L)): stepping n fastest would touch N lines L floats apart, all in one L1
+ * set for L a multiple of 1024. `sums` is scratch for [TOKENS][N] floats. */
+static void add_projection(float *grad, const int64_t *offset, int64_t s_n, int64_t s_t,
+                           int shared, int lanes, const vf *part, int64_t n_state, int64_t t0,
+                           int64_t steps, float *sums) {
+    grad += t0 * s_t;
+    if (!shared) {
+        for (int l = 0; l < lanes; ++l)
+            for (int64_t n = 0; n < n_state; ++n) {
+                float *p = grad + offset[l] + n * s_n;
+                for (int64_t t = 0; t < steps; ++t) p[t * s_t] += part[t * n_state + n][l];
+            }
         return;
     }
-    for (int l = 0; l < j->lanes; ++l) p[((j->d0 + l) / per_group) * s_g] += v[l];
+    for (int64_t t = 0; t < steps; ++t) {
+        const vf *row = part + t * n_state;
+        int64_t n = 0;
+        for (; n + LANES <= n_state; n += LANES) {
+            const vf total = lane_sums8(row + n);
+            memcpy(sums + t * n_state + n, &total, sizeof total);
+        }
+        for (; n < n_state; ++n) {
+            float total = 0.0f;
+            for (int l = 0; l < LANES; ++l) total += row[n][l];
+            sums[t * n_state + n] = total;
+        }
+    }
+    for (int64_t n = 0; n < n_state; ++n) {
+        float *p = grad + offset[0] + n * s_n;
+        for (int64_t t = 0; t < steps; ++t) p[t * s_t] += sums[t * n_state + n];
+    }
+}
+
+/* Offsets of each lane's group in a gradient of B or C (group stride s_g). */
+static void group_offsets(int64_t *offset, const job_view *j, int64_t per_group, int64_t s_g) {
+    for (int l = 0; l < LANES; ++l)
+        offset[l] = l < j->lanes ? ((j->d0 + l) / per_group) * s_g : 0;
 }
 
 /* Backward scratch: a block's decays and states, the adjoint carry, per-lane sums. */
 typedef struct {
-    vf *decays, *states; /* [TOKENS][N] */
+    vf *decays, *states, *gB, *gC; /* [TOKENS][N]; gB, gC: per-lane parts of dB, dC */
     vf *dy, *dout, *du, *dd, *dz; /* [TOKENS] */
     vf *carry, *dA; /* [N]: a_{t+1} g_{t+1}; sum of g a h_{t-1} delta */
 } adjoint_scratch;
@@ -371,6 +424,9 @@ static void backward_job(const scan_args *a, const scan_grads *g, scratch *s,
     const float *dout = g->dout + j.b * g->dout_b + j.d0 * g->dout_d;
     float *dB = g->dB + thread * g->dB_thread + j.b * g->dB_b;
     float *dC = g->dC + thread * g->dC_thread + j.b * g->dC_b;
+    int64_t dB_offset[LANES], dC_offset[LANES];
+    group_offsets(dB_offset, &j, a->B_per_group, g->dB_g);
+    group_offsets(dC_offset, &j, a->C_per_group, g->dC_g);
     vf dD = splat(0.0f), dbias = splat(0.0f);
     for (int64_t n = 0; n < n_state; ++n) {
         r->dA[n] = r->carry[n] = splat(0.0f);
@@ -400,8 +456,8 @@ static void backward_job(const scan_args *a, const scan_grads *g, scratch *s,
             const vf dy = r->dy[t], dl = s->dl[t], u = s->u[t], w = s->w[t];
             vf dd = splat(0.0f), du = j.skip * dy;
             for (int64_t n = 0; n < n_state; ++n) {
-                const vf bn = projection(s->B, n_state, t, n, j.shared_b);
-                const vf cn = projection(s->C, n_state, t, n, j.shared_c);
+                const vf bn = projection(s->Bp, n_state, t, n, j.shared_b);
+                const vf cn = projection(s->Cp, n_state, t, n, j.shared_c);
                 const vf adj = r->carry[n] + cn * dy; /* g_t */
                 const vf decay = r->decays[t * n_state + n];
                 const vf before = t > 0 ? r->states[(t - 1) * n_state + n] : entry[n];
@@ -410,15 +466,17 @@ static void backward_job(const scan_args *a, const scan_grads *g, scratch *s,
                 dd += dlog * s->A[n] + adj * u * bn;
                 du += adj * dl * bn;
                 r->carry[n] = decay * adj;
-                add_projection(dB, g->dB_g, g->dB_n, g->dB_t, a->B_per_group, &j, j.shared_b,
-                               t0 + t, n, adj * w);
-                add_projection(dC, g->dC_g, g->dC_n, g->dC_t, a->C_per_group, &j, j.shared_c,
-                               t0 + t, n, dy * r->states[t * n_state + n]);
+                r->gB[t * n_state + n] = adj * w;
+                r->gC[t * n_state + n] = dy * r->states[t * n_state + n];
             }
             r->dd[t] = dd * s->sig[t];
             r->du[t] = du;
             dbias += r->dd[t];
         }
+        add_projection(dB, dB_offset, g->dB_n, g->dB_t, j.shared_b, j.lanes, r->gB, n_state,
+                       t0, steps, s->B); /* B of the block is no longer needed */
+        add_projection(dC, dC_offset, g->dC_n, g->dC_t, j.shared_c, j.lanes, r->gC, n_state,
+                       t0, steps, s->B); /* B of the block is no longer needed */
         store_block(g->du + row * a->length, r->du, a->length, 1, t0, steps, j.lanes);
         store_block(g->ddelta + row * a->length, r->dd, a->length, 1, t0, steps, j.lanes);
         if (g->dz) store_block(g->dz + row * a->length, r->dz, a->length, 1, t0, steps, j.lanes);
@@ -471,12 +529,14 @@ int subq_selective_scan_backward_f32(const scan_args *a, const scan_grads *g, in
     const int64_t n = a->nstate;
     const size_t blocks = sizeof(vf) * TOKENS * n, plane = sizeof(vf) * TOKENS;
     scratch s;
-    char *memory = alloc_scratch(&s, n, 2 * blocks + 5 * plane + 2 * sizeof(vf) * n);
+    char *memory = alloc_scratch(&s, n, 4 * blocks + 5 * plane + 2 * sizeof(vf) * n);
     if (!memory) return -1;
     adjoint_scratch r;
     r.decays = (vf *)(s.C + TOKENS * n * LANES);
     r.states = r.decays + TOKENS * n;
-    r.dy = r.states + TOKENS * n;
+    r.gB = r.states + TOKENS * n;
+    r.gC = r.gB + TOKENS * n;
+    r.dy = r.gC + TOKENS * n;
     r.dout = r.dy + TOKENS;
     r.du = r.dout + TOKENS;
     r.dd = r.du + TOKENS;
