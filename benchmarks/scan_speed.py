@@ -26,17 +26,17 @@ from subq.ops import scan_kernel
 from subq.ops.scan import selective_scan, selective_scan_reference
 
 
-def _inputs(length: int, channels: int, state: int, device: torch.device,
+def _inputs(length: int, channels: int, state: int, device: torch.device, batch: int = 1,
             time_major: bool = False) -> tuple[list, dict]:
     """Seeded inputs; ``u, delta, z`` are ``(B, D, L)``, stored channel-major (mamba-ssm's
     layout) or, with ``time_major``, as transposed views of ``(B, L, D)`` tensors (what the
     Mamba mixer's projections produce)."""
     gen = torch.Generator().manual_seed(0)
-    u, delta, z = (torch.randn(1, channels, length, generator=gen) for _ in range(3))
+    u, delta, z = (torch.randn(batch, channels, length, generator=gen) for _ in range(3))
     if time_major:
         u, delta, z = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (u, delta, z))
     A = -torch.exp(torch.randn(channels, state, generator=gen))
-    B, C = (torch.randn(1, state, length, generator=gen) for _ in range(2))
+    B, C = (torch.randn(batch, state, length, generator=gen) for _ in range(2))
     D, bias = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
     args = [x.to(device) for x in (u, delta, A, B, C)]
     return args, dict(D=D.to(device), z=z.to(device), delta_bias=bias.to(device),
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--reference-length", type=int, default=4096)
     parser.add_argument("--channels", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--state", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="fast-form runs per round")
     parser.add_argument("--rounds", type=int, default=3,
@@ -100,12 +101,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    ref_inputs = _inputs(args.reference_length, args.channels, args.state, device,
+    ref_inputs = _inputs(args.reference_length, args.channels, args.state, device, args.batch,
                          args.layout == "time-major")
     err = _check(*ref_inputs)
     if err > 1e-4:
         raise SystemExit(f"fast form differs from the reference (rel RMS {err:.2e})")
-    fast_inputs = _inputs(args.length, args.channels, args.state, device,
+    fast_inputs = _inputs(args.length, args.channels, args.state, device, args.batch,
                           args.layout == "time-major")
     kernel = device.type == "cpu" and scan_kernel.available()
     rounds = []  # loop and fast forms alternate, so that drifts of the machine hit all of them
@@ -120,7 +121,7 @@ def main() -> None:
     fast_form = "fused C kernel" if kernel else "chunked" + (
         f"; no kernel: {scan_kernel.unavailable_reason()}" if device.type == "cpu" else "")
     print(f"device={device} L={args.length} d_inner={args.channels} N={args.state} float32 "
-          f"B=1 threads={torch.get_num_threads()} layout={args.layout} "
+          f"B={args.batch} threads={torch.get_num_threads()} layout={args.layout} "
           f"max rel_rms (values, grads)={err:.1e} rounds={args.rounds} "
           f"fast form: {fast_form}")
     rows = [(f"reference forward (L={args.reference_length})", ref_fwd, args.reference_length),
@@ -131,7 +132,8 @@ def main() -> None:
         rows += [("chunked forward (kernel off)", chunked_fwd, args.length),
                  ("chunked fwd+bwd (kernel off)", chunked_train, args.length)]
     for name, ms, length in rows:
-        print(f"{name:34s} {ms:10.1f} ms {length / ms * 1e3:12.0f} tokens/s (median of rounds)")
+        print(f"{name:34s} {ms:10.1f} ms {args.batch * length / ms * 1e3:12.0f} tokens/s "
+              "(median of rounds)")
     note = "" if scale == 1 else \
         f" (reference extrapolated linearly from L={args.reference_length})"
 

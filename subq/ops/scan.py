@@ -44,6 +44,12 @@ Three forms of the same function:
   are the scan's one transcendental per state entry.
 * :func:`selective_scan_step`: one token, for decoding.
 
+On the CPU with float32 inputs :func:`selective_scan` hands the whole computation (with or
+without autograd) to the fused C kernel of :mod:`subq.ops.scan_kernel`, one pass per block of
+channels forward and one backward, when it builds on the machine; the chunked form above is
+what runs everywhere else (float64, half precision, CUDA, no C compiler) and is held to the
+same reference.
+
 Half precision inputs are computed in float32; outputs have ``u``'s dtype, states the
 accumulation dtype (float64 for float64 input, float32 otherwise).
 """

@@ -81,6 +81,18 @@ class _Grads(ctypes.Structure):
 
 _state: dict[str, object] = {}
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's pool threads (a pool copied with the process
+    would accept work and never run it) and may hold a copy of a taken lock: start afresh."""
+    global _lock
+    _lock = threading.Lock()
+    _state.pop("pools", None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 _enabled = os.environ.get("SUBQ_SCAN_KERNEL", "1") != "0"
 
 

@@ -8,6 +8,8 @@ on-disk cache and the fallback when no compiler works."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
 
 import pytest
@@ -167,6 +169,33 @@ def test_threads_split_the_channel_blocks_without_changing_a_bit():
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def _scan_in_forked_child(args: dict, expected: torch.Tensor, results) -> None:
+    torch.set_num_threads(2)
+    results.put(rel_rms(expected, _kernel(args)[0]))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_thread_pool_works_in_a_forked_child():
+    """A child forked after the parent used the thread pool (a DataLoader worker, say) gets a
+    fresh pool; a copied one would take the work and never run it."""
+    args = _inputs(batch=2, channels=64, n=16, length=300)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = _kernel(args)[0]  # the parent's pool now exists
+    finally:
+        torch.set_num_threads(previous)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_scan_in_forked_child, args=(args, expected, results))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        raise AssertionError("the scan hung in a forked child")
+    assert child.exitcode == 0 and results.get(timeout=5) == 0.0
 
 
 def test_dispatch_only_for_float32_cpu(monkeypatch):
