@@ -1,29 +1,32 @@
-"""The fused CPU kernel of the selective scan's forward (inference), built on first use.
+"""The fused CPU kernel of the selective scan, forward and backward, built on first use.
 
 ``csrc/selective_scan.c`` runs the Mamba-1 recurrence of :mod:`subq.ops.scan` sequentially in
-time, eight channels per SIMD register, with every elementwise step (decay ``2^(delta A log2
-e)``, drive, ``C . h``, skip, gate) fused into one pass: no ``(L, N, D)`` tensor exists, the
-states stay in the L1 cache, and a state entry costs one exp2 and three multiply-adds. Eager
-PyTorch cannot fuse these steps, so the chunked form (:func:`subq.ops.scan.selective_scan`
-with autograd, and on other devices) makes ~7 passes over the states instead.
+time, eight channels per SIMD register, with every elementwise step (discretisation of delta,
+decay ``2^(delta A log2 e)``, drive, ``C . h``, skip, gate) fused into one pass: no
+``(L, N, D)`` tensor exists, the states stay in the L1 cache, and a state entry costs one exp2
+and three multiply-adds. For training (:class:`FusedSelectiveScan`) the forward also keeps the
+state every ``_TOKENS`` steps and the backward recomputes each block from it and runs the
+adjoint recurrence, forming every gradient in the same pass. Eager PyTorch cannot fuse these
+steps, so the chunked form of :func:`subq.ops.scan.selective_scan` (float64, other devices,
+no compiler) makes ~7 passes over the states instead.
 
 The C file is compiled with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native``)
 into a cache directory (``$SUBQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/subq`` or
 ``~/.cache/subq``), keyed by a hash of the source, the flags, the compiler and the CPU, written
 to a temporary file and renamed, so concurrent first uses are safe. It is called through
-``ctypes``, which releases the GIL: the channel blocks are split over ``torch.get_num_threads()``
-Python threads. Without a compiler (or with ``SUBQ_SCAN_KERNEL=0``) :func:`available` is false
-and :mod:`subq.ops.scan` keeps its eager chunked form; :func:`unavailable_reason` says why.
+``ctypes``, which releases the GIL: the ``(batch row, channel block)`` jobs are split over
+``torch.get_num_threads()`` Python threads. Without a compiler (or with
+``SUBQ_SCAN_KERNEL=0``) :func:`available` is false and :mod:`subq.ops.scan` keeps its eager
+chunked form; :func:`unavailable_reason` says why.
 
 Scope: float32 CPU tensors, any strides (mamba-ssm's channel-major ``(B, D, L)`` and the Mamba
-mixer's time-major views alike), B and C time-invariant, shared or grouped.
+mixer's time-major views alike), B and C time-invariant, shared, grouped or per channel.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import getpass
 import hashlib
 import os
 import platform
@@ -108,7 +111,8 @@ def _cache_dir() -> Path:
             return base
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"subq-cache-{getpass.getuser()}"
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"subq-cache-{user}"
 
 
 def _cpu_id() -> str:
