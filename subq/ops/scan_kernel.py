@@ -268,6 +268,13 @@ def _projection_grad_sum(grad: torch.Tensor, time_major: bool) -> torch.Tensor:
     return total.transpose(-1, -2) if time_major else total
 
 
+def _unwritten(x: torch.Tensor, *shape: int, like: bool = False) -> torch.Tensor:
+    """An uninitialised buffer that the kernel writes in full: ``x``'s layout (``like``) or a
+    contiguous ``shape``. (Tests replace this by a NaN-filled one, so an element the kernel
+    leaves unwritten cannot pass.)"""
+    return torch.empty_like(x) if like else x.new_empty(shape)
+
+
 def _pointer(x: torch.Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
@@ -336,8 +343,8 @@ def selective_scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
     """
     library = _checked_library()
     batch, channels, length = u.shape
-    out = torch.empty_like(u)
-    last = u.new_empty(batch, channels, A.shape[1])
+    out = _unwritten(u, like=True)
+    last = _unwritten(u, batch, channels, A.shape[1])
     args, keep = _scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                             initial_state, out, last, checkpoints)
     pointer = ctypes.byref(args)
@@ -351,7 +358,8 @@ def _checkpoint_buffer(u: torch.Tensor, n_state: int) -> torch.Tensor:
     """The state before every block of ``_TOKENS`` steps, per job: ``(jobs, blocks, N,
     LANES)``."""
     batch, channels, length = u.shape
-    return u.new_empty(batch * -(-channels // _LANES), -(-length // _TOKENS), n_state, _LANES)
+    return _unwritten(u, batch * -(-channels // _LANES), -(-length // _TOKENS), n_state,
+                      _LANES)
 
 
 class FusedSelectiveScan(torch.autograd.Function):
@@ -379,9 +387,9 @@ class FusedSelectiveScan(torch.autograd.Function):
         slots = len(ranges)
         args, keep = _scan_args(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
                                 initial_state, None, None, checkpoints)
-        du, ddelta = (u.new_empty(u.shape) for _ in range(2))
-        dz = None if z is None else u.new_empty(u.shape)
-        dh0 = u.new_empty(batch, channels, A.shape[1])
+        du, ddelta = (_unwritten(u, *u.shape) for _ in range(2))
+        dz = None if z is None else _unwritten(u, *u.shape)
+        dh0 = _unwritten(u, batch, channels, A.shape[1])
         dA = A.new_zeros(slots, *A.shape)
         dD, dbias = (u.new_zeros(slots, channels) for _ in range(2))
         major = _time_major(B, channels), _time_major(C, channels)

@@ -30,6 +30,15 @@ if not scan_kernel.available():
 TOL = 1e-5  # float32 kernel vs float64 loop; the kernel's exp2 and softplus are ~1 ulp
 
 
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the kernel should write in full starts as NaN: an element it skipped
+    would show up in the comparisons (and the NaN test checks exactly where NaN may be)."""
+    unwritten = scan_kernel._unwritten
+    monkeypatch.setattr(scan_kernel, "_unwritten",
+                        lambda *a, **k: unwritten(*a, **k).fill_(float("nan")))
+
+
 def _bc(layout: str, batch: int, channels: int, n: int, length: int):
     shape = {"time-invariant": (channels, n), "shared": (batch, n, length),
              "grouped": (batch, 2, n, length), "groups-of-4": (batch, channels // 4, n, length),
@@ -171,9 +180,15 @@ def test_threads_split_the_channel_blocks_without_changing_a_bit():
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
+_UNWRITTEN = scan_kernel._unwritten  # before the poisoning fixture replaces it
+
+
 def _scan_in_forked_child(args: dict, expected: torch.Tensor, results) -> None:
+    # Only small torch ops here (no NaN fill, the comparison in numpy): GNU OpenMP cannot run
+    # a parallel region in a child forked from a process that used one, whatever subq does.
+    scan_kernel._unwritten = _UNWRITTEN
     torch.set_num_threads(2)
-    results.put(rel_rms(expected, _kernel(args)[0]))
+    results.put(bool((_kernel(args)[0].numpy() == expected.numpy()).all()))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -195,7 +210,7 @@ def test_thread_pool_works_in_a_forked_child():
     if child.is_alive():
         child.kill()
         raise AssertionError("the scan hung in a forked child")
-    assert child.exitcode == 0 and results.get(timeout=5) == 0.0
+    assert child.exitcode == 0 and results.get(timeout=5)
 
 
 def test_dispatch_only_for_float32_cpu(monkeypatch):
