@@ -289,6 +289,23 @@ def test_fused_backward_any_storage_and_partial_gradients(storage):
             assert rel_rms(r, g) <= TOL
 
 
+@pytest.mark.parametrize("b_layout, c_layout", [("shared", "groups-of-4"),
+                                                ("groups-of-4", "shared"),
+                                                ("per-channel", "time-invariant"),
+                                                ("time-invariant", "grouped")])
+def test_b_and_c_in_different_layouts(b_layout, c_layout):
+    """B read as one value for all lanes and C per lane, and the other way round (the kernel
+    specialises its loop on each): values and every gradient == the float64 loop."""
+    args = _inputs(batch=2, channels=16, n=6, length=90, layout=b_layout)
+    args["C"] = _bc(c_layout, 2, 16, 6, 90)[1]
+    cot_out, cot_last = torch.randn(2, 16, 90), torch.randn(2, 16, 6)
+    ref, names = _gradients(args, cot_out, cot_last, selective_scan_reference, torch.float64)
+    fast, _ = _gradients(args, cot_out, cot_last, selective_scan, torch.float32)
+    for name, r, f in zip(["out", "last", *names], ref, fast, strict=True):
+        assert rel_rms(r, f) <= TOL, name
+    assert rel_rms(ref[0], _kernel(args)[0]) <= TOL
+
+
 @pytest.mark.parametrize("groups", [1, 3])
 def test_groups_of_whole_lane_blocks(groups):
     """Groups of 24 or 8 channels (every block of 8 lanes reads one group): B and C go to the

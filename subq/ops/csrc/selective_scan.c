@@ -6,9 +6,9 @@
  *     h_t[n] = 2^(delta_t A[d, n] log2 e) h_{t-1}[n] + delta_t u_t B_t[g(d), n]
  *     out_t  = (sum_n C_t[g(d), n] h_t[n] + D[d] u_t) * z_t / (1 + e^-z_t)
  *
- * with delta_t discretised in the same pass (delta_t + delta_bias[d], then softplus where asked)
- * and g(d) the group channel d reads B and C from (d / per_group). The recurrence runs sequentially in t,
- * LANES channels at a time, so the compiler turns every lane loop into SIMD instructions and
+ * with delta_t discretised in the same pass (delta_t + delta_bias[d], then softplus where
+ * asked) and g(d) the group channel d reads B and C from (d / per_group). The recurrence runs
+ * sequentially in t, LANES channels at a time in one vector (GCC/clang vector extensions), so
  * a state entry costs one exp2, two fused multiply-adds and a multiply-add into y; the states
  * never leave the L1 cache. Inputs are read with arbitrary strides in blocks of TOKENS steps,
  * transposed into small time-major buffers first (both mamba-ssm's channel-major (B, D, L)
@@ -204,6 +204,8 @@ static const float *load_projection(float *dst, const float *src, int64_t s_b, i
     return dst;
 }
 
+static inline vf sigmoid_v(vf x) { return 1.0f / (1.0f + exp2_v(x * -LOG2E)); }
+
 /* Per-job scratch: time-major blocks of the inputs, LANES channels wide. */
 typedef struct {
     vf *dl, *w, *u, *z, *y, *sig; /* [TOKENS]; sig = softplus'(raw delta), backward only */
@@ -264,7 +266,7 @@ static void load_inputs(const scan_args *a, scratch *s, const job_view *j, int64
         const vf raw = s->dl[t] + j->bias;
         s->dl[t] = a->softplus ? softplus_v(raw) : raw;
         if (derivative) /* softplus'(x) = sigmoid(x) */
-            s->sig[t] = a->softplus ? 1.0f / (1.0f + exp2_v(raw * -LOG2E)) : splat(1.0f);
+            s->sig[t] = a->softplus ? sigmoid_v(raw) : splat(1.0f);
         s->w[t] = s->dl[t] * s->u[t];
     }
 }
@@ -301,24 +303,25 @@ __attribute__((always_inline)) static inline void scan_block(scratch *s, int64_t
     }
 }
 
+/* scan_block specialised for the job's B and C layouts; keeping decays and states (for the
+ * backward) when `decays` is given. */
 static void scan_steps(scratch *s, const job_view *j, int64_t n_state, int64_t steps,
                        vf *decays, vf *states) {
-    const int keep = decays != NULL;
-    if (keep) {
-        if (j->shared_b && j->shared_c) scan_block(s, n_state, steps, 1, 1, 1, decays, states);
-        else scan_block(s, n_state, steps, 0, 0, 1, decays, states);
-    } else if (j->shared_b && j->shared_c) {
-        scan_block(s, n_state, steps, 1, 1, 0, NULL, NULL);
-    } else if (j->shared_b) {
-        scan_block(s, n_state, steps, 1, 0, 0, NULL, NULL);
-    } else if (j->shared_c) {
-        scan_block(s, n_state, steps, 0, 1, 0, NULL, NULL);
-    } else {
-        scan_block(s, n_state, steps, 0, 0, 0, NULL, NULL);
-    }
+#define SCAN_LAYOUTS(keep, decays, states)                                              \
+    do {                                                                                \
+        if (j->shared_b && j->shared_c)                                                 \
+            scan_block(s, n_state, steps, 1, 1, keep, decays, states);                  \
+        else if (j->shared_b)                                                           \
+            scan_block(s, n_state, steps, 1, 0, keep, decays, states);                  \
+        else if (j->shared_c)                                                           \
+            scan_block(s, n_state, steps, 0, 1, keep, decays, states);                  \
+        else                                                                            \
+            scan_block(s, n_state, steps, 0, 0, keep, decays, states);                  \
+    } while (0)
+    if (decays) SCAN_LAYOUTS(1, decays, states);
+    else SCAN_LAYOUTS(0, NULL, NULL);
+#undef SCAN_LAYOUTS
 }
-
-static inline vf sigmoid_v(vf x) { return 1.0f / (1.0f + exp2_v(x * -LOG2E)); }
 
 static void forward_job(const scan_args *a, scratch *s, int64_t job) {
     const int64_t n_state = a->nstate, blocks = (a->length + TOKENS - 1) / TOKENS;
