@@ -248,7 +248,8 @@ def _gradients(args: dict, cot_out: torch.Tensor, cot_last: torch.Tensor, fn, dt
     return [out, last, *torch.autograd.grad(loss, [leaves[k] for k in names])], names
 
 
-@pytest.mark.parametrize("layout", ["time-invariant", "shared", "groups-of-4", "per-channel"])
+@pytest.mark.parametrize("layout", ["time-invariant", "shared", "grouped", "groups-of-4",
+                                    "per-channel"])
 @pytest.mark.parametrize("channels, length", [(8, 1), (20, 64), (20, 65), (8, 200)])
 @pytest.mark.parametrize("options", ["all", "none"])
 def test_fused_backward_equals_reference(layout, channels, length, options):

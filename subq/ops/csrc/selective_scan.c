@@ -476,10 +476,11 @@ static void backward_job(const scan_args *a, const scan_grads *g, scratch *s,
             r->du[t] = du;
             dbias += r->dd[t];
         }
+        /* the block's copy of B (s->B) is no longer read: it serves as the lane sums' scratch */
         add_projection(dB, dB_offset, g->dB_n, g->dB_t, j.shared_b, j.lanes, r->gB, n_state,
-                       t0, steps, s->B); /* B of the block is no longer needed */
+                       t0, steps, s->B);
         add_projection(dC, dC_offset, g->dC_n, g->dC_t, j.shared_c, j.lanes, r->gC, n_state,
-                       t0, steps, s->B); /* B of the block is no longer needed */
+                       t0, steps, s->B);
         store_block(g->du + row * a->length, r->du, a->length, 1, t0, steps, j.lanes);
         store_block(g->ddelta + row * a->length, r->dd, a->length, 1, t0, steps, j.lanes);
         if (g->dz) store_block(g->dz + row * a->length, r->dz, a->length, 1, t0, steps, j.lanes);
