@@ -248,6 +248,20 @@ def _gradients(args: dict, cot_out: torch.Tensor, cot_last: torch.Tensor, fn, dt
     return [out, last, *torch.autograd.grad(loss, [leaves[k] for k in names])], names
 
 
+def _assert_matches_loop(args: dict) -> None:
+    """Output, last state and every input's gradient (random cotangents for both outputs) ==
+    autograd through the float64 loop; and the inference output likewise."""
+    batch, channels, _ = args["u"].shape
+    cot_out = torch.randn(args["u"].shape)
+    cot_last = torch.randn(batch, channels, args["A"].shape[1])
+    ref, names = _gradients(args, cot_out, cot_last, selective_scan_reference, torch.float64)
+    fast, _ = _gradients(args, cot_out, cot_last, selective_scan, torch.float32)
+    for name, r, f in zip(["out", "last", *names], ref, fast, strict=True):
+        assert f.dtype == torch.float32 and f.shape == r.shape, name
+        assert rel_rms(r, f) <= TOL, name
+    assert rel_rms(ref[0], _kernel(args)[0]) <= TOL
+
+
 @pytest.mark.parametrize("layout", ["time-invariant", "shared", "grouped", "groups-of-4",
                                     "per-channel"])
 @pytest.mark.parametrize("channels, length", [(8, 1), (20, 64), (20, 65), (8, 200)])
@@ -259,13 +273,7 @@ def test_fused_backward_equals_reference(layout, channels, length, options):
     if options == "none":
         args = {k: args[k] for k in ("u", "delta", "A", "B", "C")}
         args["delta"] = args["delta"].abs()
-    cot_out = torch.randn(args["u"].shape)
-    cot_last = torch.randn(2, channels, 16)
-    ref, names = _gradients(args, cot_out, cot_last, selective_scan_reference, torch.float64)
-    fast, _ = _gradients(args, cot_out, cot_last, selective_scan, torch.float32)
-    for name, r, f in zip(["out", "last", *names], ref, fast, strict=True):
-        assert f.dtype == torch.float32 and f.shape == r.shape, name
-        assert rel_rms(r, f) <= TOL, name
+    _assert_matches_loop(args)
 
 
 @pytest.mark.parametrize("storage", ["channel-major", "time-major", "strided"])
@@ -299,12 +307,7 @@ def test_b_and_c_in_different_layouts(b_layout, c_layout):
     specialises its loop on each): values and every gradient == the float64 loop."""
     args = _inputs(batch=2, channels=16, n=6, length=90, layout=b_layout)
     args["C"] = _bc(c_layout, 2, 16, 6, 90)[1]
-    cot_out, cot_last = torch.randn(2, 16, 90), torch.randn(2, 16, 6)
-    ref, names = _gradients(args, cot_out, cot_last, selective_scan_reference, torch.float64)
-    fast, _ = _gradients(args, cot_out, cot_last, selective_scan, torch.float32)
-    for name, r, f in zip(["out", "last", *names], ref, fast, strict=True):
-        assert rel_rms(r, f) <= TOL, name
-    assert rel_rms(ref[0], _kernel(args)[0]) <= TOL
+    _assert_matches_loop(args)
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -314,12 +317,7 @@ def test_groups_of_whole_lane_blocks(groups):
     values and every gradient == the float64 loop."""
     args = _inputs(batch=2, channels=24, n=16, length=130)
     args["B"], args["C"] = (torch.randn(2, groups, 16, 130) for _ in range(2))
-    cot_out, cot_last = torch.randn(2, 24, 130), torch.randn(2, 24, 16)
-    ref, names = _gradients(args, cot_out, cot_last, selective_scan_reference, torch.float64)
-    fast, _ = _gradients(args, cot_out, cot_last, selective_scan, torch.float32)
-    for name, r, f in zip(["out", "last", *names], ref, fast, strict=True):
-        assert rel_rms(r, f) <= TOL, name
-    assert rel_rms(ref[0], _kernel(args)[0]) <= TOL
+    _assert_matches_loop(args)
 
 
 def test_fused_backward_threads_agree():
