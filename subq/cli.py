@@ -56,6 +56,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "subq.bench.command",
     "subq.bench.lm_eval",
     "subq.recipes.recall",
+    "subq.recipes.lm",
 )
 
 

@@ -44,3 +44,23 @@ def with_key_padding(allowed: torch.Tensor, key_padding_mask: torch.Tensor | Non
     if key_padding_mask is None:
         return allowed
     return allowed & ~key_padding_mask[:, None, None, :]
+
+
+def fixed_sparse_mask(length: int, span: int, summary: int,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Sparse Transformer's causal "fixed" pattern (Child et al. 2019; Combiner's "Fixed"
+    baseline): ``j <= i`` and either ``j`` in the query's own span of ``span`` tokens
+    (``j // span == i // span``) or ``j`` one of the last ``summary`` positions of a span
+    (``j mod span >= span - summary``)."""
+    i, j = positions(length, length, device)
+    own = (j // span) == (i // span)
+    return (j <= i) & (own | (j % span >= span - summary))
+
+
+def axial_sparse_mask(length: int, span: int,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Causal row-major axial attention (Ho et al. 2019; Combiner's "Axial" baseline) on rows
+    of ``span`` tokens: ``j <= i`` in the query's own row, or ``j`` in its column
+    (``j = i mod span``) in an earlier row."""
+    i, j = positions(length, length, device)
+    return (j <= i) & (((j // span) == (i // span)) | ((j % span) == (i % span)))

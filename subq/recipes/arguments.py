@@ -16,6 +16,7 @@ _HELP = {
     "accumulate": "micro-batches per step (gradient accumulation)",
     "min_lr_ratio": "cosine floor as a fraction of --lr (1 = constant after the warm-up)",
     "warmup": "linear warm-up steps",
+    "decay_all": "weight decay on every parameter, not only on matrices",
     "grad_clip": "clip the gradient's global 2-norm (0 = off)",
     "bf16": "bfloat16 autocast",
     "eval_every": "evaluate every K steps (0 = at the end only)",

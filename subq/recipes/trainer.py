@@ -77,7 +77,9 @@ class Task(Protocol):
 @dataclass
 class TrainerConfig:
     """The loop's knobs. ``batch`` counts rows per optimiser step over all ranks and
-    micro-batches, so a run's math does not depend on ``accumulate`` or the world size."""
+    micro-batches, so a run's math does not depend on ``accumulate`` or the world size.
+    Weight decay applies to matrices (``dim >= 2``) only, or with ``decay_all`` to every
+    parameter (torch AdamW's default: gains, biases and SSM vectors too)."""
 
     out: str = "runs/train"
     steps: int = 1000
@@ -87,6 +89,7 @@ class TrainerConfig:
     min_lr_ratio: float = 0.1
     warmup: int = 100
     weight_decay: float = 0.1
+    decay_all: bool = False
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -203,8 +206,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.model = task.build_model().to(self.world.device)
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        other = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in trained if cfg.decay_all or p.dim() >= 2]
+        other = [p for p in trained if not (cfg.decay_all or p.dim() >= 2)]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay},
              {"params": other, "weight_decay": 0.0}],
@@ -274,6 +278,7 @@ class Trainer:
                          "optimizer": self.optimizer.state_dict(),
                          "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
                          "step": self.step, "seconds": self.seconds,
+                         "parameters": sum(p.numel() for p in self.model.parameters()),
                          "config": self._run_config()}, self.out / CHECKPOINT)
         self._barrier()
 
