@@ -38,8 +38,9 @@ def add_trainer_arguments(parser: argparse.ArgumentParser, defaults: TrainerConf
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                default=default, help=text)
         else:
+            shown = default if default != "" else "chosen by the recipe"
             group.add_argument(flag, dest=field.name, type=type(default), default=default,
-                               help=f"{text} (default {default})".strip())
+                               help=f"{text} (default {shown})".strip())
 
 
 def trainer_config(args: argparse.Namespace) -> TrainerConfig:

@@ -155,8 +155,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), default=defaults.preset)
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
     p.add_argument("--text", default=None,
-                   help="your own corpus: a text file or a folder of *.txt/*.rst/*.md "
-                        "(default: Python's documentation, Debian python3.11-doc)")
+                   help="your own corpus: a text file or a folder of *.txt/*.rst/*.md, or "
+                        "'pydoc_data' for the standard library's small one (default: "
+                        "Python's documentation, Debian python3.11-doc)")
     p.add_argument("--option", type=parse_option, action="append", default=[],
                    metavar="NAME=VALUE", help="a mixer option, e.g. window=128 (repeatable)")
     p.add_argument("--eval-bytes", type=int, default=defaults.eval_bytes)

@@ -38,6 +38,8 @@ from .packages import debian_package_root
 
 PYTHON_DOCS_PACKAGE = "python3.11-doc"
 PYTHON_DOCS_SOURCES = "usr/share/doc/python3.11/html/_sources"
+#: ``text=`` value naming the small corpus every Python ships (``pydoc_data.topics``)
+STDLIB_CORPUS = "pydoc_data"
 SEPARATOR = b"\x00"
 TEXT_SUFFIXES = (".txt", ".rst", ".md")
 CHUNK_BYTES = 64 * 1024
@@ -80,7 +82,9 @@ def python_docs_documents(root: Path | None = None, fetch: bool = True) -> list[
     """
     if root is None:
         root = debian_package_root(PYTHON_DOCS_PACKAGE, PYTHON_DOCS_SOURCES, fetch=fetch,
-                                   hint="pass your own text with --text PATH")
+                                   hint="pass your own text with --text PATH (or --text "
+                                        f"{STDLIB_CORPUS} for the small standard-library "
+                                        "corpus)")
     sources = Path(root) / PYTHON_DOCS_SOURCES
     files = sorted((f.relative_to(sources).as_posix(), f) for f in sources.rglob("*.rst.txt"))
     if not files:
@@ -186,14 +190,21 @@ class ByteCorpus:
         return cls(join_documents(train), join_documents(valid), name, len(train), len(valid))
 
 
+def _stdlib_corpus(valid_percent: int) -> ByteCorpus:
+    return ByteCorpus.from_documents(python_reference_documents(), "pydoc_data.topics",
+                                     valid_percent)
+
+
 def load_corpus(text: str | os.PathLike | None = None, *, fetch: bool = True,
                 fallback: bool = False, valid_percent: int = 5) -> ByteCorpus:
     """The byte corpus: the user's ``text`` (file or folder, :func:`documents_from_path`) when
-    given, else Python's documentation (:func:`python_docs_documents`, fetched once when
-    ``fetch``). When that is unavailable: with ``fallback`` the ``pydoc_data`` topics
-    (:func:`python_reference_documents`, much smaller) and a warning; without it the
-    ``FileNotFoundError`` that names the package to install.
+    given (``"pydoc_data"``: the standard library's topics, about 0.5 MB), else Python's
+    documentation (:func:`python_docs_documents`, fetched once when ``fetch``). When that is
+    unavailable: with ``fallback`` the ``pydoc_data`` topics (:func:`python_reference_documents`)
+    and a warning; without it the ``FileNotFoundError`` that names the package to install.
     """
+    if text == STDLIB_CORPUS:
+        return _stdlib_corpus(valid_percent)
     if text is not None:
         return ByteCorpus.from_documents(documents_from_path(text), str(text), valid_percent)
     try:
@@ -202,8 +213,7 @@ def load_corpus(text: str | os.PathLike | None = None, *, fetch: bool = True,
         if not fallback:
             raise
         warnings.warn(f"{err} Using the smaller pydoc_data topics instead.", stacklevel=2)
-        return ByteCorpus.from_documents(python_reference_documents(), "pydoc_data.topics",
-                                         valid_percent)
+        return _stdlib_corpus(valid_percent)
     return ByteCorpus.from_documents(documents, PYTHON_DOCS_PACKAGE, valid_percent)
 
 

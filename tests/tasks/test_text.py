@@ -257,3 +257,10 @@ def test_bits_per_byte():
     assert bits_per_byte(math.log(2)) == pytest.approx(1.0)
     assert bits_per_byte(math.log(256)) == pytest.approx(8.0)
     assert bits_per_byte(0.0) == 0.0
+
+
+def test_stdlib_corpus_by_name():
+    corpus = load_corpus("pydoc_data")
+    assert corpus.name == "pydoc_data.topics"
+    assert corpus.train.numel() > 100_000 and corpus.valid.numel() > 1_000
+    assert corpus.train_documents > corpus.valid_documents > 0
