@@ -25,7 +25,8 @@ rank 0 alone logs, evaluates and writes checkpoints. The logged loss is the mean
 it equals one process's loss on the same global batch.
 
 ``OUT/metrics.jsonl``: one JSON object per line: ``{"step", "loss", "lr", "tokens_per_s"}``
-every ``log_every`` steps, and the task's evaluation entries (``{"step", "split", ...}``).
+every ``log_every`` steps (the rate over the training steps since the last entry, evaluation
+and checkpoints excluded), and the task's evaluation entries (``{"step", "split", ...}``).
 """
 
 from __future__ import annotations
@@ -356,19 +357,20 @@ class Trainer:
         started = time.perf_counter()
         bar = _progress_bar(self.cfg.steps, self.step, self.cfg.progress and self.world.main)
         self.model.train()
-        loss, evals, window_units, window_start = math.nan, [], 0, time.perf_counter()
+        loss, evals, window_units, window_seconds = math.nan, [], 0, 0.0
         while self.step < stop:
             lr = self.optimizer.param_groups[0]["lr"]
             tic = time.perf_counter()
             loss, units = self.train_step()
-            self.seconds += time.perf_counter() - tic
-            window_units += units
+            elapsed = time.perf_counter() - tic
+            self.seconds += elapsed
+            window_units, window_seconds = window_units + units, window_seconds + elapsed
             bar.update(1)
             if self._due(self.cfg.log_every):
-                rate = window_units / max(1e-9, time.perf_counter() - window_start)
+                rate = window_units / max(1e-9, window_seconds)
                 self._log({"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": rate})
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
-                window_units, window_start = 0, time.perf_counter()
+                window_units, window_seconds = 0, 0.0
             if self._due(self.cfg.eval_every):
                 evals = self.evaluate()
             out_of_time = (self.cfg.time_limit > 0
