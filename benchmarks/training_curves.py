@@ -35,13 +35,21 @@ def summarise(run: Path) -> dict:
             "evals": evals, "latest": [e for e in evals if e["step"] == last]}
 
 
+def common_eval_step(runs: list[dict]) -> int:
+    """The last step at which every run was evaluated."""
+    steps = [{e["step"] for e in run["evals"]} for run in runs]
+    return max(set.intersection(*steps), default=0)
+
+
 def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_bpb, ax_len) = plt.subplots(1, 3, figsize=(15, 4))
+    common = common_eval_step(runs)
     for run in runs:
         mixer = run["config"]["task"]["mixer"]
         steps, loss = zip(*run["loss"], strict=True) if run["loss"] else ((), ())
@@ -50,9 +58,17 @@ def plot(runs: list[dict], path: Path) -> None:
                  if e["split"] == "valid" and e["length"] == run["config"]["task"]["seq_len"]]
         ax_bpb.plot([e["step"] for e in valid], [e["bpb"] for e in valid], marker="o",
                     label=mixer)
+        at = sorted((e["length"], e["bpb"]) for e in run["evals"]
+                    if e["split"] == "valid" and e["step"] == common)
+        ax_len.plot(*zip(*at, strict=True), marker="o", label=mixer)
     ax_loss.set(xlabel="step", ylabel="training loss (bits per byte)", title="training")
     ax_bpb.set(xlabel="step", ylabel="held-out bits per byte", title="held-out, training length")
-    for ax in (ax_loss, ax_bpb):
+    ax_len.set(xlabel="evaluation length (bytes)", ylabel="held-out bits per byte",
+               title=f"length extrapolation at step {common}", xscale="log")
+    ax_len.set_xticks(sorted({e["length"] for r in runs for e in r["evals"]}))
+    ax_len.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_len.minorticks_off()
+    for ax in (ax_loss, ax_bpb, ax_len):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
