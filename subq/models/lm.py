@@ -43,7 +43,6 @@ from torch import nn
 import subq
 
 from .. import registry
-from ..nn.dit import merge_heads, split_heads
 from ..nn.hax import HaxMamba
 from ..nn.mamba import Mamba
 from ..nn.norm import RMSNorm
@@ -178,24 +177,8 @@ class CausalKernelizedRPE(KernelizedRPEAttention):
     ``feature_map="prf"`` (or ``"trf"``), ``normalize=True`` (NPRF; ``False``: Performer's PRF),
     ``num_features=32``, ``shared_bias=False``, ``redraw=False``, ``seed=0``. No decoding."""
 
-    def __init__(self, d_model: int, heads: int, max_len: int, *, num_features: int = 32,
-                 feature_map: str = "prf", normalize: bool = True, shared_bias: bool = False,
-                 redraw: bool = False, seed: int = 0) -> None:
-        registry.get("kernelized_rpe").resolve_options(
-            {"feature_map": feature_map, "normalize": normalize})
-        super().__init__(d_model, heads, max_len, num_features=num_features, causal=True,
-                         shared_bias=shared_bias, redraw=redraw, seed=seed)
-        self.feature_map, self.normalize = feature_map, normalize
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.redraw:
-            self.projection = self._draw(*self.projection.shape).to(self.projection)
-        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        length = x.shape[1]
-        o = subq.attention(q, k, v, method="kernelized_rpe", causal=True,
-                           bias=self.bias(length, length), projection=self.projection,
-                           feature_map=self.feature_map, normalize=self.normalize)
-        return self.proj(merge_heads(o))
+    def __init__(self, d_model: int, heads: int, max_len: int, **options: Any) -> None:
+        super().__init__(d_model, heads, max_len, causal=True, **options)
 
 
 class SparseBaselineAttention(RopeAttention):

@@ -14,6 +14,7 @@ from torch import nn
 
 import subq
 
+from .. import registry
 from .dit import merge_heads, split_heads
 
 
@@ -70,18 +71,23 @@ class KernelizedRPEAttention(nn.Module):
 
     The random projection ``w (m, d)`` is a buffer drawn from ``seed``; with ``redraw=True`` a
     fresh one is drawn at every training-mode forward (Performer's policy), otherwise it stays
-    fixed (the paper does not say which it used).
+    fixed (the paper does not say which it used). ``feature_map`` (``"prf"``/``"trf"``) and
+    ``normalize`` (NPRF; ``False``: Performer's PRF) go to the mechanism.
     """
 
     def __init__(self, dim: int, heads: int, max_len: int | tuple[int, int], *,
                  num_features: int = 32, causal: bool = False, shared_bias: bool = False,
-                 redraw: bool = False, seed: int = 0) -> None:
+                 redraw: bool = False, seed: int = 0, feature_map: str = "prf",
+                 normalize: bool = True) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
         if isinstance(max_len, tuple) and causal:
             raise ValueError("a 2-D relative position bias (max_len=(H, W)) is non-causal only")
+        registry.get("kernelized_rpe").resolve_options(
+            {"feature_map": feature_map, "normalize": normalize})
         self.heads, self.causal, self.redraw = heads, causal, redraw
+        self.feature_map, self.normalize = feature_map, normalize
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.bias = (RelativePositionBias2d(heads, *max_len, shared_bias)
@@ -109,5 +115,6 @@ class KernelizedRPEAttention(nn.Module):
         else:
             bias = self.bias(length, length)
         o = subq.attention(q, k, v, method="kernelized_rpe", causal=self.causal, bias=bias,
-                           projection=self.projection)
+                           projection=self.projection, feature_map=self.feature_map,
+                           normalize=self.normalize)
         return self.proj(merge_heads(o))

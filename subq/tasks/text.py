@@ -50,9 +50,7 @@ Document = tuple[str, bytes]
 
 def python_reference_text() -> str:
     """The ``pydoc_data`` topics of this Python, sorted by topic name, blank-line separated."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[name].strip() for name in sorted(topics))
+    return "\n\n".join(data.decode() for _, data in python_reference_documents())
 
 
 def load_text(path: str | os.PathLike | None = None) -> str:
