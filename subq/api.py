@@ -117,13 +117,30 @@ def _prepare(method: str, q, k, v, causal, cross, scale, key_padding_mask, optio
     return _Call(mech, pattern, _resolve_scale(scale, q.shape[-1]), mech.resolve_options(options))
 
 
+def _is_empty(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """No batch, no query or no key: the output is known without calling the mechanism."""
+    return q.shape[0] == 0 or q.shape[2] == 0 or k.shape[2] == 0
+
+
+def neutralise_padding(x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """``x (B, H, Lk, ·)`` with the padded positions set to 0, so that whatever a padded key or
+    value holds (garbage, inf, NaN) never reaches an output: a masked score is -inf, but
+    ``0 * NaN`` is NaN in every product that still touches the padded entry (feature maps,
+    FFTs, scans, the value sums of linear forms). The gradient at padded positions is 0."""
+    if key_padding_mask is None:
+        return x
+    return x.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+
+
 def _run(which: str, method, q, k, v, causal, cross, scale, key_padding_mask, options
          ) -> torch.Tensor:
-    """Check, then call the mechanism's fast path (``which="fn"``) or its reference. Length 0
-    gives an empty output; no keys at all: every query sees nothing and outputs zeros."""
+    """Check, then call the mechanism's fast path (``which="fn"``) or its reference. An empty
+    batch or length gives an empty output; no keys at all: every query sees nothing and
+    outputs zeros. Padded keys and values are zeroed first (:func:`neutralise_padding`)."""
     call = _prepare(method, q, k, v, causal, cross, scale, key_padding_mask, options)
-    if q.shape[2] == 0 or k.shape[2] == 0:
+    if _is_empty(q, k):
         return q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    k, v = neutralise_padding(k, key_padding_mask), neutralise_padding(v, key_padding_mask)
     return getattr(call.mechanism, which)(
         q, k, v, causal=call.pattern.causal, cross=call.pattern.cross, scale=call.scale,
         key_padding_mask=key_padding_mask, **call.options,
@@ -196,11 +213,12 @@ def weights(
     call = _prepare(method, q, k, None, causal, cross, scale, key_padding_mask, options)
     if call.mechanism.weights is None:
         raise NotImplementedError(f"mechanism {method!r} has no attention matrix (weights)")
-    if q.shape[2] == 0 or k.shape[2] == 0:
+    if _is_empty(q, k):
         return q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     return call.mechanism.weights(
-        q, k, causal=call.pattern.causal, cross=call.pattern.cross, scale=call.scale,
-        key_padding_mask=key_padding_mask, **call.options,
+        q, neutralise_padding(k, key_padding_mask), causal=call.pattern.causal,
+        cross=call.pattern.cross, scale=call.scale, key_padding_mask=key_padding_mask,
+        **call.options,
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import masked_softmax, merge_weights
+from .common import fused_attention_with_lse, masked_softmax, merge_weights
 
 # einsum forms that mix a probability group with its values on an (n, m) grid:
 # "row": key (r, e) of the query's own grid row; "col": key (s, c) of the query's grid column.
@@ -112,8 +112,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
     keep a key. ``fused``: torch's CPU flash kernel (no L x L tensor; its log-sum-exp carries
     no gradient, so only without autograd), otherwise the explicit softmax."""
     if fused:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+        return fused_attention_with_lse(q, k, v, causal=causal, attn_mask=bias, scale=scale)
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
         keep = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).tril()

@@ -46,6 +46,19 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, length, d).reshape(b, h * groups, length, d)
 
 
+def fused_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                             causal: bool = False, attn_mask: torch.Tensor | None = None,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's CPU flash kernel, ``softmax(scale q k^T + attn_mask) v`` and its log-sum-exp
+    for ``(Z, G, L, D)`` inputs (no gradient through the log-sum-exp). The kernel reads the
+    last dim as contiguous whatever its stride (torch 2.13), so a strided last dim is copied
+    first; other views (permuted, expanded) it reads correctly."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale)[:2]
+    return out, lse
+
+
 def merge_weights(lses: list[torch.Tensor]) -> list[torch.Tensor]:
     """Weights that merge softmaxes over disjoint key groups into their joint softmax:
     ``w_g = exp(lse_g - logsumexp_g lse_g)``, so ``out = sum_g w_g out_g`` exactly, where

@@ -35,9 +35,12 @@ tensor. Patterns: causal self, noncausal self.
 Decoding keeps a KV cache (growing by doubling, written in place) and the last ``b_q`` queries;
 every ``refresh`` steps (at ``t = 0, r_m, 2 r_m, ...``) it re-runs the search for the step's
 query as a block starting at ``s = t`` and reuses the mask until the next refresh, the window
-``[s - w, t]`` covering the new tokens. With ``refresh == block_q`` stepping equals the causal
-prefill exactly. A step costs O((sink + topk + w + refresh) D), plus the search every
-``refresh`` steps: O(topk D (b_q / b_sq) log(t / topk)), never O(t^2). At a refresh the far
+``[s - w, t]`` covering the new tokens. The default ``refresh=None`` means ``refresh ==
+block_q``, with which stepping equals the causal prefill exactly; the paper's schedule
+(``r_m = 8`` with ``b_q = 32``) is ``refresh=8``, an approximation of the prefill: a step then
+reads a block's mask chosen at a refresh that is not the prefill's block start. A step costs
+O((sink + topk + w + refresh) D), plus the search every ``refresh`` steps:
+O(topk D (b_q / b_sq) log(t / topk)), never O(t^2). At a refresh the far
 keys and values of every query head are gathered, and the window copied after them, into
 buffers of the state (reused across refreshes); a step appends its key and value there and
 attends with one fused SDPA call.
@@ -51,12 +54,12 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import SELF_PATTERNS, Mechanism, Option
-from .common import accumulation_dtype, merge_weights, new_empty
+from .common import accumulation_dtype, fused_attention_with_lse, merge_weights, new_empty
 from .hip_mask import REPRESENTATIVES, search_blocks, search_iterations
 from .reference import masked_attention, masked_weights
 
 DEFAULTS = dict(topk=512, block_q=32, block_k=2, query_stride=2, sink=16, window=256,
-                representative="center", refresh=8)
+                representative="center", refresh=None)
 # The attention builds key layouts for chunks of about _CHUNK_KEYS (row, key) pairs and gathers
 # keys and values for sub-chunks of about _GATHER_ELEMENTS elements (8 MiB in float32: in L3,
 # few enough ops that both cores are busy; see hip_mask's chunk sizes).
@@ -105,6 +108,20 @@ def _search_groups(ends: list[int], n_nodes: int, block_k: int) -> list[tuple[in
     return groups
 
 
+def _real_representatives(q_rep: torch.Tensor, rep_ok: torch.Tensor, real: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep padded positions out of the search (self attention: a padded key's position is a
+    padded query): ``q_rep (N, R, D)``'s representatives at padded positions are replaced by
+    the block's first real one (the max over representatives is then the real ones' max), or
+    by zeros where the block has none, so whatever a padded query holds never chooses keys."""
+    ok = rep_ok & real
+    first = ok.to(torch.int8).argmax(dim=1)
+    fallback = q_rep[torch.arange(q_rep.shape[0], device=q_rep.device), first]
+    fallback = fallback.masked_fill(~ok.any(dim=1, keepdim=True), 0.0)
+    q_rep = torch.where(ok[..., None], q_rep, fallback[:, None])
+    return q_rep, torch.ones_like(ok)
+
+
 def _select(q, k, causal, key_padding_mask, topk, block_q, block_k, query_stride, window,
             representative) -> _Blocks:
     """Run the tree search for every query block of a prefill (rows ``(b, h, n)``)."""
@@ -121,6 +138,8 @@ def _select(q, k, causal, key_padding_mask, topk, block_q, block_k, query_stride
     key_ok = None if key_padding_mask is None else (~key_padding_mask)[:, None].expand(
         batch, kv_heads, length).reshape(-1)
     keys = k.detach().reshape(-1, dim)
+    query_ok = None if key_padding_mask is None else (~key_padding_mask)[:, None].expand(
+        batch, q_heads, length).reshape(heads, length)
     # Built from Python ints: inductor's index propagation mis-handles clamp + floor division
     # of arange-derived search ranges (torch 2.13, "vr must not be None").
     ends = [max(0, n * block_q - window) if causal else length for n in range(n_q_blocks)]
@@ -130,6 +149,9 @@ def _select(q, k, causal, key_padding_mask, topk, block_q, block_k, query_stride
         rep_pos = start[:, None] - offsets if causal else start[:, None] + offsets
         rep_ok = ((rep_pos >= 0) & (rep_pos < length)).repeat(heads, 1)
         q_rep = q_flat[:, rep_pos.clamp(0, length - 1)].reshape(-1, offsets.shape[0], dim)
+        if query_ok is not None:
+            q_rep, rep_ok = _real_representatives(q_rep, rep_ok, query_ok[
+                :, rep_pos.clamp(0, length - 1)].reshape(rep_ok.shape))
         group_end = torch.tensor(ends[n0:n1], device=device).repeat(heads)
         found, ok = search_blocks(
             q_rep.to(acc), rep_ok, keys, (kv_row * length).repeat_interleave(n1 - n0),
@@ -218,7 +240,6 @@ def _attend_split(q_rows, k, v, kv_rows, far, n_far, window, window_bias, scale)
     cutting causality, positions outside ``[0, L)`` masked on edge blocks. The two softmaxes
     are merged exactly through their log-sum-exps (the far keys are outside the window, so
     each key counts once); a block with no far key takes the window alone."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     n_rows, span, dim = q_rows.shape
     length, dv = v.shape[2], v.shape[-1]
     n_q_rows = len(kv_rows)
@@ -260,9 +281,9 @@ def _attend_split(q_rows, k, v, kv_rows, far, n_far, window, window_bias, scale)
                                    out=k_far[:n].view(-1, dim))
                 torch.index_select(v_flat, 0, index[a:a + n].reshape(-1),
                                    out=v_far[:n].view(-1, dv))
-                o, lse = flash(q_rows[i + a:i + a + n, None], k_far[:n].to(dtype),
-                               v_far[:n].to(dtype), 0.0, False, attn_mask=bias[a:a + n],
-                               scale=scale)[:2]
+                o, lse = fused_attention_with_lse(
+                    q_rows[i + a:i + a + n, None], k_far[:n].to(dtype), v_far[:n].to(dtype),
+                    attn_mask=bias[a:a + n], scale=scale)
                 outs.append(o)
                 lses.append(lse)
             o_far = torch.cat(outs)[:, 0]
@@ -277,8 +298,8 @@ def _attend_split(q_rows, k, v, kv_rows, far, n_far, window, window_bias, scale)
                 mask = shared_bias + torch.zeros(real.shape, dtype=dtype, device=device
                                                  ).masked_fill_((real < 0) | (real >= length),
                                                                 float("-inf"))[:, None, None]
-            o_win, lse_win = flash(q_rows[i:i + n1 - n0, None], k_win, v_win, 0.0, False,
-                                   attn_mask=mask, scale=scale)[:2]
+            o_win, lse_win = fused_attention_with_lse(q_rows[i:i + n1 - n0, None], k_win,
+                                                      v_win, attn_mask=mask, scale=scale)
             w_far, w_win = merge_weights([lse_far, lse_win[:, 0]])
             o_far.mul_(w_far[..., None]).addcmul_(o_win[:, 0], w_win[..., None])
             out[i:i + n1 - n0] = o_far
@@ -303,14 +324,15 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
                   cross: bool = False, scale: float | None = None,
                   key_padding_mask: torch.Tensor | None = None, topk: int = 512,
                   block_q: int = 32, block_k: int = 2, query_stride: int = 2, sink: int = 16,
-                  window: int = 256, representative: str = "center", refresh: int = 8
-                  ) -> torch.Tensor:
+                  window: int = 256, representative: str = "center",
+                  refresh: int | None = None) -> torch.Tensor:
     """HiP attention, block-sparse over the tree search's selection (see the module docstring).
 
     ``q (B, Hq, L, D)``, ``k (B, Hkv, L, D)``, ``v (B, Hkv, L, Dv)`` -> ``(B, Hq, L, Dv)``.
     Options (paper defaults): ``topk=512`` keys chosen by the search (``topk // block_k``
     blocks), ``block_q=32``, ``block_k=2``, ``query_stride=2`` (b_sq), ``sink=16``,
-    ``window=256``, ``representative="center"`` (or ``"first"``), ``refresh=8`` (decoding only).
+    ``window=256``, ``representative="center"`` (or ``"first"``), ``refresh=None`` (decoding
+    only; ``None`` is ``block_q``, exact).
     """
     _check_pattern(cross)
     batch, q_heads, length, dim = q.shape
@@ -510,7 +532,8 @@ def _load(state: HipCache, sel: _Blocks, kv_row: torch.Tensor, t: int, *, block_
 def step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: HipCache, *,
          scale: float | None = None, topk: int = 512, block_q: int = 32, block_k: int = 2,
          query_stride: int = 2, sink: int = 16, window: int = 256,
-         representative: str = "center", refresh: int = 8) -> tuple[torch.Tensor, HipCache]:
+         representative: str = "center", refresh: int | None = None
+         ) -> tuple[torch.Tensor, HipCache]:
     """One causal decoding step: append ``(k_t, v_t)`` (``(B, Hkv, 1, D)``), re-run the search
     if ``t % refresh == 0`` (or the state has no selection yet), attend ``q_t (B, Hq, 1, D)``
     to sink, selected blocks and window ``[s - w, t]`` with one fused softmax over the state's
@@ -519,6 +542,7 @@ def step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: HipCach
     kv_heads = k_t.shape[1]
     scale = dim ** -0.5 if scale is None else scale
     acc = accumulation_dtype(q_t.dtype)
+    refresh = block_q if refresh is None else refresh
     t = state.length
     _append(state, k_t, v_t)
     queries = q_t if state.queries is None else torch.cat((state.queries, q_t), dim=2)
@@ -567,7 +591,9 @@ MECHANISM = Mechanism(
                "key block that scores a branch: its centre or its first block",
                choices=REPRESENTATIVES),
         Option("refresh", int, DEFAULTS["refresh"],
-               "r_m: decoding re-runs the search every refresh steps", low=1),
+               "r_m: decoding re-runs the search every refresh steps; None: block_q, so that "
+               "decoding equals the prefill (the paper's 8 approximates it)", low=1,
+               nullable=True),
     ),
     init_state=init_state,
     step=step,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..registry import Mechanism, Option, Pattern
 from . import masks
-from .common import new_empty
+from .common import accumulation_dtype, new_empty
 from .reference import masked_attention, masked_weights
 
 DEFAULT_SEGMENT = 10
@@ -73,8 +73,9 @@ def _shared_keys(k: torch.Tensor, v: torch.Tensor, s: int, n: int, width: int,
     ``e_Dv``; checkpoints are ``[k_c, 0, pad_c]`` and ``[v_c, 0]``, with ``pad_c`` a very
     negative number where ``hidden`` (B, n - 1) says checkpoint c is padding, else 0."""
     batch, dim, dv = k.shape[0], k.shape[-1], v.shape[-1]
-    ka = new_empty(batch, 1, n, width, like=k)
-    va = new_empty(batch, 1, n, dv + 1, like=v)
+    acc = accumulation_dtype(k.dtype)
+    ka = new_empty(batch, 1, n, width, like=k, dtype=acc)
+    va = new_empty(batch, 1, n, dv + 1, like=v, dtype=acc)
     ka[:, :, 0].zero_()
     ka[:, :, 0, dim] = 1
     va[:, :, 0].zero_()
@@ -84,7 +85,7 @@ def _shared_keys(k: torch.Tensor, v: torch.Tensor, s: int, n: int, width: int,
     ka[:, :, 1:, dim].zero_()
     va[:, :, 1:, dv].zero_()
     if hidden is not None:
-        ka[:, 0, 1:, dim + 1].copy_(hidden.to(k.dtype) * _very_negative(k.dtype))
+        ka[:, 0, 1:, dim + 1].copy_(hidden.to(acc) * _very_negative(acc))
     return ka, va
 
 
@@ -111,15 +112,17 @@ def scout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     exact; the self value is ``e`` (checkpoint values 0 there), so the same column of the
     output is the self weight ``p_i`` and ``out_i = sdpa_i[:Dv] + p_i v_i``. With padding a
     second coordinate carries a very negative logit for padded keys (exp underflows to 0), and
-    rows that see no key are set to 0.
+    rows that see no key are set to 0. Half-precision inputs are computed in float32 (the
+    self logit ``q_i . k_i`` alone exceeds float16's range once ``|q| |k| > 65504``).
     """
     batch, q_heads, length, dim = q.shape
     kv_heads, dv = k.shape[1], v.shape[-1]
     groups = q_heads // kv_heads
     s = resolve_segment(segment, length)
     scale = dim ** -0.5 if scale is None else scale
+    acc = accumulation_dtype(q.dtype)
     n = -(-length // s)  # segments, the last possibly partial
-    out = new_empty(batch, q_heads, length, dv, like=q)
+    out = new_empty(batch, q_heads, length, dv, like=q, dtype=acc)
     if length == 0:
         return out
     width = dim + (1 if key_padding_mask is None else 2)
@@ -132,10 +135,11 @@ def scout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         empty = key_padding_mask & (seen[:, rows // s] == 0)  # (B, L): sees no key
     for h in range(kv_heads):
         heads = slice(h * groups, (h + 1) * groups)
-        logit = torch.linalg.vecdot(q[:, heads], k[:, h:h + 1])  # (B, G, L): q_i . k_i
+        # (B, G, L): q_i . k_i
+        logit = torch.linalg.vecdot(q[:, heads].to(acc), k[:, h:h + 1].to(acc))
         if key_padding_mask is not None:
-            logit = logit.masked_fill(key_padding_mask[:, None], _very_negative(q.dtype))
-        qa = new_empty(batch, groups, s, n, width, like=q)
+            logit = logit.masked_fill(key_padding_mask[:, None], _very_negative(acc))
+        qa = new_empty(batch, groups, s, n, width, like=q, dtype=acc)
         if length % s:
             qa[:, :, length % s:, n - 1].zero_()  # rows past L: finite, discarded
         for qi, li, dst in zip(_segment_views(q[:, heads], s),
@@ -157,7 +161,7 @@ def scout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             dst.addcmul_(src[..., dv:], vi)
     if key_padding_mask is not None:
         out.masked_fill_(empty[:, None, :, None], 0)
-    return out
+    return out.to(q.dtype)
 
 
 def checkpoint_mask(length: int, segment: int, device: torch.device | str | None = None
