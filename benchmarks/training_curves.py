@@ -11,28 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from pathlib import Path
 
-import torch
-
-from subq.recipes.trainer import CHECKPOINT, read_metrics
-
-
-def summarise(run: Path) -> dict:
-    """One run's points, its settings (from the checkpoint) and its latest evaluation."""
-    metrics = read_metrics(run)
-    losses = [m for m in metrics if "loss" in m]
-    evals = [m for m in metrics if "split" in m]
-    saved = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False)
-    last = max((e["step"] for e in evals), default=0)
-    speeds = [m["tokens_per_s"] for m in losses]
-    return {"run": run.name, "config": saved["config"], "step": saved["step"],
-            "train_seconds": round(saved["seconds"], 1),
-            "parameters": saved["parameters"],
-            "median_tokens_per_s": round(statistics.median(speeds), 1) if speeds else None,
-            "loss": [(m["step"], round(m["loss"], 5)) for m in losses],
-            "evals": evals, "latest": [e for e in evals if e["step"] == last]}
+from subq.recipes.summary import summarise
 
 
 def common_eval_step(runs: list[dict]) -> int:

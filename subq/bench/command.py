@@ -1,4 +1,5 @@
 """``subq bench``: ``efficiency`` runs the CAB-style grid and writes ``results/<timestamp>/``;
+``efficacy`` trains the LM grid (:mod:`subq.bench.efficacy`);
 ``report`` re-renders a run's report.md and plots; ``docs`` writes docs/benchmarks.md and
 docs/img/bench_*.png from a run (the latest by default)."""
 
@@ -15,6 +16,7 @@ import torch
 
 from subq.registry import Pattern
 
+from . import efficacy
 from .report import load, render_markdown
 
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
@@ -153,6 +155,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     eff.add_argument("--docs", action="store_true", help="also write docs/benchmarks.md")
     eff.add_argument("--docs-dir", default="docs")
     eff.set_defaults(run=_efficiency)
+    efficacy.add_command(sub)
     for name, fn, text in (("report", _report, "re-render report.md and the plots of a run"),
                            ("docs", _docs, "write docs/benchmarks.md and docs/img/bench_*.png")):
         p = sub.add_parser(name, help=text)

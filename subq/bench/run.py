@@ -70,11 +70,16 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def host_info() -> dict:
+    """CPU, platform, versions and commit of the machine running a benchmark."""
+    return {"cpu": _cpu_model(), "machine": platform.machine(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "subq": subq.__version__, "git_commit": _git_commit()}
+
+
 def machine_info(grid: Grid) -> dict:
     """The machine line of a run: CPU, threads, versions, commit, device."""
-    info = {"cpu": _cpu_model(), "machine": platform.machine(), "python": platform.python_version(),
-            "platform": platform.platform(), "threads": grid.threads, "torch": torch.__version__,
-            "subq": subq.__version__, "git_commit": _git_commit(), "device": grid.device}
+    info = {**host_info(), "threads": grid.threads, "device": grid.device}
     if grid.device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(grid.device))
     return info

@@ -85,10 +85,12 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "axial": {"span": 16},
 }
 
-#: Model sizes: ``tiny`` for tests and quick runs, ``small`` (about 3.2M parameters) for
-#: experiments.
+#: Model sizes: ``tiny`` for tests and quick runs, ``mini`` (0.82M parameters) for the
+#: efficacy grid (every mixer of it on 2 cores in about 90 minutes), ``small`` (about 3.2M
+#: parameters) for longer experiments.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"d_model": 64, "n_layers": 2, "heads": 4},
+    "mini": {"d_model": 128, "n_layers": 4, "heads": 4},
     "small": {"d_model": 256, "n_layers": 4, "heads": 4},
 }
 
@@ -175,7 +177,8 @@ class CausalKernelizedRPE(KernelizedRPEAttention):
     """Causal 1-D :class:`subq.nn.rpe.KernelizedRPEAttention` (learned RPE table for offsets
     up to ``max_len - 1``, no RoPE) with the mechanism's feature map exposed:
     ``feature_map="prf"`` (or ``"trf"``), ``normalize=True`` (NPRF; ``False``: Performer's PRF),
-    ``num_features=32``, ``shared_bias=False``, ``redraw=False``, ``seed=0``. No decoding."""
+    ``rpe=True`` (``False``: no table, no length limit), ``num_features=32``,
+    ``shared_bias=False``, ``redraw=False``, ``seed=0``. No decoding."""
 
     def __init__(self, d_model: int, heads: int, max_len: int, **options: Any) -> None:
         super().__init__(d_model, heads, max_len, causal=True, **options)
@@ -341,7 +344,9 @@ class LM(nn.Module):
     @property
     def max_length(self) -> int | None:
         """The longest sequence the model accepts (``None``: any)."""
-        return self.config.max_len if self.config.mixer == "kernelized_rpe" else None
+        uses_table = (self.config.mixer == "kernelized_rpe"
+                      and self.config.options.get("rpe", True))
+        return self.config.max_len if uses_table else None
 
     def supports_length(self, length: int) -> bool:
         return self.max_length is None or length <= self.max_length

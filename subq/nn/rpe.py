@@ -72,13 +72,14 @@ class KernelizedRPEAttention(nn.Module):
     The random projection ``w (m, d)`` is a buffer drawn from ``seed``; with ``redraw=True`` a
     fresh one is drawn at every training-mode forward (Performer's policy), otherwise it stays
     fixed (the paper does not say which it used). ``feature_map`` (``"prf"``/``"trf"``) and
-    ``normalize`` (NPRF; ``False``: Performer's PRF) go to the mechanism.
+    ``normalize`` (NPRF; ``False``: Performer's PRF) go to the mechanism; ``rpe=False`` drops
+    the table (plain kernelized attention, Luo et al.'s baseline without RPE).
     """
 
     def __init__(self, dim: int, heads: int, max_len: int | tuple[int, int], *,
                  num_features: int = 32, causal: bool = False, shared_bias: bool = False,
                  redraw: bool = False, seed: int = 0, feature_map: str = "prf",
-                 normalize: bool = True) -> None:
+                 normalize: bool = True, rpe: bool = True) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
@@ -90,7 +91,8 @@ class KernelizedRPEAttention(nn.Module):
         self.feature_map, self.normalize = feature_map, normalize
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.bias = (RelativePositionBias2d(heads, *max_len, shared_bias)
+        self.bias = (None if not rpe else
+                     RelativePositionBias2d(heads, *max_len, shared_bias)
                      if isinstance(max_len, tuple) else
                      RelativePositionBias(heads, max_len, shared_bias))
         self.generator = torch.Generator().manual_seed(seed)
@@ -107,7 +109,9 @@ class KernelizedRPEAttention(nn.Module):
             self.projection = self._draw(*self.projection.shape).to(self.projection)
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         length = x.shape[1]
-        if isinstance(self.bias, RelativePositionBias2d):
+        if self.bias is None:
+            bias = None
+        elif isinstance(self.bias, RelativePositionBias2d):
             if height is None or width is None or height * width != length:
                 raise ValueError(f"a 2-D bias needs height * width = L = {length}, got "
                                  f"{height}, {width}")

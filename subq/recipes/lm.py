@@ -1,5 +1,5 @@
 """Train the byte-level LM (:mod:`subq.models.lm`) on a text corpus with the one trainer:
-``subq train lm --mixer NAME --preset {tiny,small} --steps N --seq-len L --batch B``.
+``subq train lm --mixer NAME --preset {tiny,mini,small} --steps N --seq-len L --batch B``.
 
 The loss is the mean next-byte cross-entropy (nats) plus the mixers' auxiliary losses (HAX's
 ranking loss); the evaluation reports bits per byte (``nats / ln 2``) on the held-out

@@ -132,6 +132,14 @@ def test_unmatched_width_and_lengths(fresh_seed: int) -> None:
     assert LM(lm_config("tiny", "dense")).max_length is None
     with pytest.raises(ValueError, match="max_length"):
         rpe(_tokens(torch.Generator().manual_seed(fresh_seed), 1, 17))
+    # Luo et al.'s baseline without RPE: no table, so no length limit and no table parameters.
+    plain = LM(lm_config("tiny", "kernelized_rpe", max_len=16, match_params=False,
+                         options={"rpe": False, "normalize": False}))
+    with_table = LM(lm_config("tiny", "kernelized_rpe", max_len=16, match_params=False))
+    assert plain.max_length is None and all(layer.mixer.bias is None for layer in plain.layers)
+    assert with_table.num_parameters() - plain.num_parameters() == sum(
+        p.numel() for layer in with_table.layers for p in layer.mixer.bias.parameters())
+    assert plain(_tokens(torch.Generator().manual_seed(fresh_seed), 1, 40)).shape == (1, 40, 256)
 
 
 def test_names_and_options() -> None:
