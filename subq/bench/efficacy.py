@@ -281,6 +281,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                    "with a checkpoint; call again to go on")
     p.add_argument("--out", default="results/efficacy")
     p.add_argument("--report-only", action="store_true", help="only re-render the report")
+    p.add_argument("--docs", action="store_true",
+                   help="also write the report into docs/efficacy.md, docs/img, docs/data")
+    p.add_argument("--docs-dir", default="docs")
     p.set_defaults(run=_run)
 
 
@@ -297,5 +300,5 @@ def _run(args: argparse.Namespace) -> int:
         counts = run_grid(grid, budget, out, jobs=args.jobs, threads=args.threads,
                           chunk=args.chunk)
         print(f"{counts} in {(time.perf_counter() - started) / 60:.1f} min")
-    print(f"report: {write_report(out, grid)}")
+    print(f"report: {write_report(out, grid, Path(args.docs_dir) if args.docs else None)}")
     return 0

@@ -224,9 +224,28 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
     return paths
 
 
+#: ``docs/efficacy.md`` keeps its prose; the generated report goes between these markers.
+DOCS_MARKERS = ("<!-- efficacy-report:start -->", "<!-- efficacy-report:end -->")
+
+
+def write_docs(results: dict[str, Any], docs: Path) -> Path:
+    """The report into ``docs/efficacy.md`` between :data:`DOCS_MARKERS` (the page is created
+    with them when missing), the plots into ``docs/img``, the numbers into
+    ``docs/data/efficacy.json``."""
+    write_plots(results, docs / "img")
+    (docs / "data").mkdir(parents=True, exist_ok=True)
+    (docs / "data" / "efficacy.json").write_text(json.dumps(results, indent=1) + "\n")
+    page = docs / "efficacy.md"
+    text = page.read_text() if page.exists() else "\n".join(DOCS_MARKERS) + "\n"
+    start, end = (text.index(marker) for marker in DOCS_MARKERS)
+    report = render_markdown(results, image_prefix="img/").replace("# ", "## ", 1)
+    page.write_text(text[:start + len(DOCS_MARKERS[0])] + "\n" + report + text[end:])
+    return page
+
+
 def write_report(out: Path, grid: Sequence[Entry], docs: Path | None = None) -> Path:
     """``OUT/efficacy.json``, ``OUT/efficacy.md`` and the plots; with ``docs`` also
-    ``docs/efficacy_results.md``'s table under ``docs/img`` and ``docs/data``."""
+    :func:`write_docs`."""
     out = Path(out)
     results = collect(out, grid)
     (out / "efficacy.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -234,7 +253,5 @@ def write_report(out: Path, grid: Sequence[Entry], docs: Path | None = None) -> 
     path = out / "efficacy.md"
     path.write_text(render_markdown(results))
     if docs is not None:
-        write_plots(results, docs / "img")
-        (docs / "data").mkdir(parents=True, exist_ok=True)
-        (docs / "data" / "efficacy.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_docs(results, docs)
     return path

@@ -19,7 +19,14 @@ from subq.bench.efficacy import (
     run_name,
     select,
 )
-from subq.bench.efficacy_report import IMAGES, collect, render_markdown, write_report
+from subq.bench.efficacy_report import (
+    DOCS_MARKERS,
+    IMAGES,
+    collect,
+    render_markdown,
+    write_docs,
+    write_report,
+)
 from subq.models.lm import LM, lm_config
 
 from ..recipes.test_lm import write_corpus
@@ -132,3 +139,11 @@ def test_report_on_synthetic_results(tmp_path):
         (tmp_path / "efficacy.json").read_text()))
     for image in IMAGES.values():
         assert (tmp_path / image).stat().st_size > 0
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "efficacy.md").write_text(f"# prose before\n{DOCS_MARKERS[0]}\nold\n"
+                                      f"{DOCS_MARKERS[1]}\nprose after\n")
+    page = write_docs(results, docs).read_text()
+    assert page.startswith("# prose before\n") and page.endswith("prose after\n")
+    assert "old" not in page and "](img/efficacy_curves.png)" in page and "| `dense` |" in page
+    assert json.loads((docs / "data" / "efficacy.json").read_text())["rows"][0]["name"] == "dense"
