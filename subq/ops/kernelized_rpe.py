@@ -17,6 +17,14 @@ query only, so it equals the non-causal cross computation. ``bias=None`` means `
 takes the O(L) linear path (:func:`subq.ops.linear.kernel_attention`), which the FFT path
 equals for a zero bias. Padding keys drop out of both sums; a query that sees no key outputs 0.
 
+Precision at length (1-D bias): FFT roundoff is absolute, about ``eps max_i |(C X)_i|`` in every
+row, so a row whose sum is far smaller than the largest loses relative precision in proportion
+(causal row ``i`` sums ``i + 1`` keys: with a broad ``c`` the float32 error grew like ``L``).
+Rows at either end whose Toeplitz row sum ``s_i = sum_j C[i, j]`` is below ``max_i s_i / 32``
+(``EXACT_ROW_RATIO``; within ``Lq Lk / 64`` (row, key) pairs) are summed directly instead,
+``sum_j C[i, j] (phi(q_i) . phi(k_j)) [v_j, 1]``, in O(rows Lk (m + dv)): causal ``b ~ N(0, 1)``
+needs the first ``~L / 32`` rows, a bias decaying fast with ``|t|`` few or none.
+
 2-D RPE for images (non-causal self attention only): a ``bias (Hq | 1, 2H - 1, 2W - 1)`` makes
 the ``L = H W`` tokens a row-major ``H x W`` grid with ``c = exp(b)`` indexed by the 2-D offset
 ``(j1 - i1 + H - 1, j2 - i2 + W - 1)``; ``C`` is then Toeplitz-block-Toeplitz and its products
@@ -34,6 +42,8 @@ Patterns: all four.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +56,13 @@ from .toeplitz import Circulant, causal_diagonals, dense_toeplitz, dense_toeplit
 DEFAULT_FEATURES = 32
 #: Toeplitz columns per FFT call: a tile's transforms stay cache-sized.
 _COLUMNS = 65
+#: Query rows whose Toeplitz row sum is below ``1 / EXACT_ROW_RATIO`` of the largest are
+#: summed directly, not by FFT (0 or None: never); see :func:`_exact_edge_rows`.
+EXACT_ROW_RATIO = 32
+#: Those direct sums cover at most ``1 / EXACT_PAIR_SHARE`` of the ``Lq x Lk`` (row, key) pairs.
+EXACT_PAIR_SHARE = 64
+#: Elements of one tile of direct scores (rows x keys x batch x heads).
+_DENSE_ELEMENTS = 1 << 22
 
 
 def _projection(projection, num_features, seed, dim, dtype, device) -> torch.Tensor:
@@ -155,12 +172,88 @@ def kernelized_rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     v1 = torch.cat([v.to(pk.dtype), pk.new_ones(batch, kv_heads, lk, 1)], dim=-1)
     v1, pk = v1.transpose(-1, -2).contiguous(), pk.transpose(-1, -2).contiguous()
     pq = pq.view(batch, kv_heads, groups, lq, pq.shape[-1]).transpose(-1, -2)
-    numden = _toeplitz_numden(pq, pk, v1, circulant).transpose(-1, -2)
+    numden = _toeplitz_numden(pq, pk, v1, circulant)
+    if grid is None:
+        numden = _exact_edge_rows(numden, pq, pk, v1, c, causal)
+    numden = numden.transpose(-1, -2)
     out = divide_or_zero(numden[..., :dv], numden[..., dv:])
     if key_padding_mask is not None:
         # FFT roundoff turns a zero denominator into noise: rows that see no key output 0.
         out = out * _sees_a_key(key_padding_mask, lq, causal)[:, None, None, :, None]
     return out.reshape(batch, q_heads, lq, dv).to(q.dtype)
+
+
+def _edge_rows(c: torch.Tensor, lq: int, lk: int, causal: bool) -> tuple[int, int]:
+    """How many leading and trailing query rows to sum directly: those whose Toeplitz row sum
+    ``s_i = sum_j C[i, j]`` (``c >= 0``; in any head) is below ``max_i s_i / EXACT_ROW_RATIO``,
+    as many as fit in ``Lq Lk / EXACT_PAIR_SHARE`` (row, key) pairs (split between the two ends
+    when both need rows; causal leading rows ``< P`` need ``P^2`` pairs, other rows ``Lk``
+    each). ``(0, 0)`` when disabled. Under ``torch.compile`` (shapes must not depend on data)
+    the count for a constant ``c``: ``Lq // EXACT_ROW_RATIO`` leading rows if causal, else
+    none."""
+    if not EXACT_ROW_RATIO or lq < 2:
+        return 0, 0
+    budget = lq * lk // EXACT_PAIR_SHARE
+    if torch.compiler.is_compiling():
+        return (min(lq // EXACT_ROW_RATIO, math.isqrt(budget)) if causal else 0), 0
+    with torch.no_grad():
+        # Row i reads c[Lq - 1 - i : Lq - 1 - i + Lk], i.e. r[i : i + Lk] of r = c reversed:
+        # s_i = S[i + Lk] - S[i] for the prefix sums S of r (S[0] = 0), in float64.
+        cs = F.pad(c.detach().flip(-1).to(torch.float64).reshape(-1, c.shape[-1]).cumsum(-1),
+                   (1, 0))
+        sums = cs[:, lk:lk + lq] - cs[:, :lq]
+        small = (sums < sums.amax(-1, keepdim=True) / EXACT_ROW_RATIO).any(0)
+        if not bool(small[0]) and not bool(small[-1]):
+            return 0, 0
+        big = (~small).nonzero()
+        head, tail = int(big[0]), lq - 1 - int(big[-1])
+    if head and tail:
+        budget //= 2
+    head_max = math.isqrt(budget) if causal else budget // lk
+    return min(head, head_max), min(tail, budget // lk)
+
+
+def _dense_rows(pq: torch.Tensor, pk: torch.Tensor, v1: torch.Tensor, c: torch.Tensor,
+                lo: int, hi: int, causal: bool) -> torch.Tensor:
+    """Rows ``lo:hi`` of the result of :func:`_toeplitz_numden`, computed directly as
+    ``sum_j C[i, j] (phi(q_i) . phi(k_j)) [V, 1]_j`` (``c (Hkv | 1, G | 1, Lq + Lk - 1)``):
+    ``O((hi - lo) Lk (F + E))``; causal rows need only keys ``j < hi``."""
+    lq, lk = pq.shape[-1], pk.shape[-1]
+    keys = min(hi, lk) if causal else lk
+    out = []
+    step = max(1, _DENSE_ELEMENTS // max(1, keys * pq.shape[0] * pq.shape[1] * pq.shape[2]))
+    for a in range(lo, hi, step):
+        b = min(hi, a + step)
+        # C[i, j] = c[j - i + Lq - 1]: windows of c, row i starting at Lq - 1 - i.
+        tile = c[..., lq - b:lq - a - 1 + keys].unfold(-1, keys, 1).flip(-2)
+        scores = pq[..., a:b].transpose(-1, -2) @ pk[:, :, None, :, :keys] * tile
+        out.append((scores @ v1[:, :, None, :, :keys].transpose(-1, -2)).transpose(-1, -2))
+    return torch.cat(out, dim=-1)
+
+
+def _exact_edge_rows(numden: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
+                     v1: torch.Tensor, c: torch.Tensor, causal: bool) -> torch.Tensor:
+    """``numden (B, Hkv, G, E, Lq)`` with its edge rows (:func:`_edge_rows`) replaced by the
+    direct sums of :func:`_dense_rows`.
+
+    Why: FFT roundoff is absolute, about ``eps * max_i |(C X)_i|`` in every row, so a row whose
+    sum is much smaller than the largest loses relative precision in proportion. In causal
+    self attention row ``i`` sums ``i + 1`` keys, so with a broad ``c`` the first rows are
+    ``~L / i`` times smaller than the last; those rows also carry the largest outputs (an
+    average over few values), and the float32 error grew linearly with ``L``. Rows whose row sum
+    of ``C`` is within ``EXACT_ROW_RATIO`` of the largest keep ``~EXACT_ROW_RATIO eps``.
+    """
+    lq = numden.shape[-1]
+    head, tail = _edge_rows(c, lq, pk.shape[-1], causal)
+    if head == 0 and tail == 0:
+        return numden
+    parts = []
+    if head:
+        parts.append(_dense_rows(pq, pk, v1, c, 0, head, causal))
+    parts.append(numden[..., head:lq - tail])
+    if tail:
+        parts.append(_dense_rows(pq, pk, v1, c, lq - tail, lq, causal))
+    return torch.cat(parts, dim=-1)
 
 
 def _toeplitz_numden(pq: torch.Tensor, pk: torch.Tensor, v1: torch.Tensor,
