@@ -185,6 +185,15 @@ def test_bad_2d_bias_raises():
         subq.attention(q2, k2, v2, method="kernelized_rpe", cross=True, bias=good)
 
 
+def _assert_equal_values_and_grads(ref, out, inputs, grad):
+    assert rel_rms(ref, out) <= 1e-10
+    if grad:
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, inputs, g),
+                        torch.autograd.grad(ref, inputs, g), strict=True):
+            assert rel_rms(b, a) <= 1e-10
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_column_tiles_with_and_without_autograd(monkeypatch, grad):
     """Several column tiles per head (reused buffers without autograd), GQA, padding keys:
@@ -201,12 +210,7 @@ def test_column_tiles_with_and_without_autograd(monkeypatch, grad):
         q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
         out = subq.attention(q, k, v, **kwargs)
         ref = subq.reference(q, k, v, **kwargs)
-    assert rel_rms(ref, out) <= 1e-10
-    if grad:
-        g = torch.randn_like(out)
-        for a, b in zip(torch.autograd.grad(out, (q, k, v), g),
-                        torch.autograd.grad(ref, (q, k, v), g), strict=True):
-            assert rel_rms(b, a) <= 1e-10
+    _assert_equal_values_and_grads(ref, out, (q, k, v), grad)
 
 
 @pytest.mark.parametrize("causal, cross, slope", [(True, None, 0.0), (False, None, 6.0),
@@ -234,12 +238,7 @@ def test_exact_edge_rows_equal_reference(monkeypatch, causal, cross, slope, grad
                   key_padding_mask=mask, num_features=8)
     out = subq.attention(q, k, v, **kwargs)
     ref = subq.reference(q, k, v, **kwargs)
-    assert rel_rms(ref, out) <= 1e-10
-    if grad:
-        g = torch.randn_like(out)
-        for a, b in zip(torch.autograd.grad(out, (q, k, v), g),
-                        torch.autograd.grad(ref, (q, k, v), g), strict=True):
-            assert rel_rms(b, a) <= 1e-10
+    _assert_equal_values_and_grads(ref, out, (q, k, v), grad)
 
 
 @pytest.mark.parametrize("causal", [True, False])
