@@ -12,7 +12,11 @@ attends, with one softmax, to the union
   :mod:`subq.ops.hip_mask`, among the keys ``j < s - w`` (causal) or all keys (non-causal),
   scored by the block's representative queries;
 
-cut at ``j <= i`` when causal, padding keys removed, each key counted once.
+cut at ``j <= i`` when causal, padding keys removed, each key counted once. So causal row
+``i = s + r`` sees at most ``sink + topk + w + r + 1`` keys, up to ``b_q`` more than the
+spec's ``sink + topk + w`` (whose window ends at the block's end): the block's rows share one
+window start, that of the search range, and a decode step appends to the window kept since
+its refresh (docs/mechanisms/hip.md, "The key budget").
 
 Representative queries and leakage. In the paper every query of a block (stride ``b_sq``)
 scores the branches, so in causal attention query ``i`` would see a mask chosen by queries

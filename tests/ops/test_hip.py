@@ -115,6 +115,25 @@ def test_inference_path_equals_reference_and_autograd_path(causal, length):
     assert rel_rms(differentiable.detach(), fast) <= 1e-12
 
 
+@pytest.mark.parametrize("length", [37, 61, 150])
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_budget_per_row(causal, length):
+    """Row ``i = s + r`` of the block starting at ``s`` sees at most ``sink + topk + w + r + 1``
+    keys (causal) or ``sink + topk + 2w + b_q`` (non-causal), and the causal bound is reached:
+    the budget docs/mechanisms/hip.md states, at lengths no block size divides."""
+    options = dict(topk=8, block_q=4, block_k=2, sink=2, window=6, query_stride=2)
+    q, k, _ = random_qkv(batch=2, q_heads=2, kv_heads=1, lq=length, dim=8)
+    support = (subq.weights(q, k, method="hip", causal=causal, **options) != 0).sum(-1)
+    i = torch.arange(length)
+    r = i % options["block_q"]
+    far = options["sink"] + options["topk"]
+    bound = (far + options["window"] + r + 1 if causal
+             else torch.full_like(i, far + 2 * options["window"] + options["block_q"]))
+    assert (support <= bound).all()
+    if causal:
+        assert (support == bound)[..., length // 2:].any()
+
+
 def test_sparse_when_budget_is_small():
     q, k, v = random_qkv(lq=300, dim=16)
     options = dict(topk=16, block_q=8, block_k=4, sink=2, window=8)
