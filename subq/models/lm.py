@@ -15,7 +15,8 @@ Mixers (``MIXERS``):
   relative-position table and no RoPE; its ``feature_map``/``normalize`` options make the
   PRF and no-normalisation baselines mixers of the same grid);
 * ``mamba`` (:class:`subq.nn.mamba.Mamba`, no RoPE) and ``mamba+hax``
-  (:class:`subq.nn.hax.HaxMamba`; its ranking loss is :meth:`LM.aux_loss`);
+  (:class:`subq.nn.hax.HaxMamba`; its ranking loss is :meth:`LM.aux_loss`); both decode token
+  by token (``mamba+hax`` not with ``official_code_normalization``, which sees the future);
 * ``scout+swa`` and ``scout+mamba``: :class:`subq.nn.scout.ScoutBlock` layers. A SCOUT block
   is two mixers and two MLPs, so one SCOUT block replaces two plain blocks: the LM has
   ``n_layers // 2`` of them (``n_layers`` must be even) and the same number of MLPs;
@@ -309,8 +310,10 @@ def _decodes(layer: nn.Module) -> bool:
     if isinstance(layer, ScoutBlock):
         return True
     mixer = layer.mixer
-    if isinstance(mixer, (SparseBaselineAttention, HaxMamba, CausalKernelizedRPE)):
+    if isinstance(mixer, (SparseBaselineAttention, CausalKernelizedRPE)):
         return False
+    if isinstance(mixer, HaxMamba):
+        return mixer.decodes
     if isinstance(mixer, RopeAttention):
         return registry.get(mixer.method).decodes
     return isinstance(mixer, Mamba)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from subq.models.lm import DEFAULT_OPTIONS, LM, MIXERS, LMConfig, lm_config
 
-DECODERS = {"dense", "local", "linear", "ntk", "hip", "scout", "hax", "mamba", "scout+swa",
-            "scout+mamba"}
+DECODERS = {"dense", "local", "linear", "ntk", "hip", "scout", "hax", "mamba", "mamba+hax",
+            "scout+swa", "scout+mamba"}
 
 # Options that make every sparse pattern non-trivial at the short test lengths.
 SHORT = {

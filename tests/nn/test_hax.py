@@ -1,4 +1,5 @@
-"""HAX-Mamba mixer (subq/nn/hax.py): ranking loss, fusion, causality, the baselines."""
+"""HAX-Mamba mixer (subq/nn/hax.py): ranking loss, fusion, causality, the baselines,
+decoding."""
 
 from __future__ import annotations
 
@@ -100,10 +101,74 @@ def test_full_branch_is_dense_causal_attention():
     assert rel_rms(expected, mixer.sparse_attention(u)) <= 1e-5
 
 
-def test_bad_arguments_and_no_silent_step():
+def test_bad_arguments_and_official_normalization_cannot_decode():
     with pytest.raises(ValueError, match="sparse"):
         HaxMamba(16, sparse="nope")
     with pytest.raises(ValueError, match="k_total"):
         HaxMamba(16, k_total=1)
-    with pytest.raises(NotImplementedError):
-        _mixer().step(torch.randn(2, 16), None)
+    official = _mixer(official_code_normalization=True)
+    assert not official.decodes and _mixer().decodes
+    with pytest.raises(NotImplementedError, match="official_code_normalization"):
+        official.init_state(2)
+
+
+ALL_SPARSE = ["hax", "lsh", "ks", "window", "sink", "dilated", "window+dilated", "full"]
+
+
+def _decoder(sparse: str) -> HaxMamba:
+    # k_total=8: 4 LSH + 4 selected keys (hax), 2^3 buckets: over 80 tokens a bucket holds
+    # about 10 keys, so both the per-bucket recency and the top-k evict.
+    return _mixer(sparse=sparse).double().eval()
+
+
+def _step_all(mixer: HaxMamba, x: torch.Tensor, state) -> tuple[torch.Tensor, object]:
+    outs = []
+    for t in range(x.shape[1]):
+        out, state = mixer.step(x[:, t], state)
+        outs.append(out)
+    return torch.stack(outs, 1), state
+
+
+@pytest.mark.parametrize("sparse", ALL_SPARSE)
+def test_step_equals_forward_at_every_position(sparse):
+    mixer = _decoder(sparse)
+    x = torch.randn(2, 80, 16, dtype=torch.float64)
+    with torch.no_grad():
+        full = mixer(x)
+        stepped, state = _step_all(mixer, x, mixer.init_state(2, torch.float64))
+    torch.testing.assert_close(stepped, full, rtol=0, atol=1e-10)
+    assert state.attention.t == 80
+    if sparse in ("hax", "lsh", "ks", "window", "sink"):  # a bounded cache, not all 80 keys
+        assert state.attention.keys.shape[2] < 80
+    if sparse == "hax":  # the sparse branch is not dense attention
+        dense = _decoder("full")
+        dense.load_state_dict(mixer.state_dict(), strict=False)
+        with torch.no_grad():
+            assert rel_rms(dense(x), full) > 1e-3
+
+
+@pytest.mark.parametrize("sparse", ["hax", "dilated"])
+def test_prefill_then_step_equals_forward(sparse):
+    mixer = _decoder(sparse)
+    x = torch.randn(2, 80, 16, dtype=torch.float64)
+    with torch.no_grad():
+        full = mixer(x)
+        prefix, state = mixer(x[:, :50], return_state=True)
+        rest, _ = _step_all(mixer, x[:, 50:], state)
+        chunk, after = mixer(x[:, 50:65], state, return_state=True)  # continue by a chunk
+        last, _ = _step_all(mixer, x[:, 65:], after)
+    torch.testing.assert_close(prefix, full[:, :50], rtol=0, atol=1e-10)
+    torch.testing.assert_close(rest, full[:, 50:], rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.cat([chunk, last], 1), full[:, 50:], rtol=0, atol=1e-10)
+
+
+def test_step_gradients_match_forward():
+    mixer = _decoder("hax")
+    x = torch.randn(1, 40, 16, dtype=torch.float64)
+    mixer(x).sum().backward()
+    expected = {n: p.grad.clone() for n, p in mixer.named_parameters() if p.grad is not None}
+    mixer.zero_grad()
+    _step_all(mixer, x, mixer.init_state(1, torch.float64))[0].sum().backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(mixer.named_parameters())[name].grad, grad,
+                                   rtol=0, atol=1e-9)
