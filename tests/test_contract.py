@@ -151,6 +151,44 @@ def test_prefix_consistency(mech, pattern):
         assert rel_rms(out[:, :, cut:], out2[:, :, cut:]) > 1e-3  # the change did arrive
 
 
+def _options_for_prefix(mech, options, long_lengths, short_lengths):
+    """``options`` drawn for a ``(Lq, Lk)`` call, restricted to a shorter one: a tensor whose
+    last dim is ``Lq + Lk - 1`` holds one value per diagonal (a Toeplitz bias, offsets
+    ``-(Lq - 1) .. Lk - 1``) and keeps the shorter call's diagonals; any other tensor must not
+    depend on the length (checked: a new convention must be taught here, not skipped)."""
+    (lq2, lk2), (lq1, lk1) = long_lengths, short_lengths
+    short_shapes = {name: getattr(x, "shape", None) for name, x in mech.sample_options(
+        *random_qkv(lq=lq1, lk=lk1), generator=torch.Generator().manual_seed(0)).items()}
+    restricted = {}
+    for name, x in options.items():
+        if isinstance(x, torch.Tensor) and x.shape != short_shapes.get(name, x.shape):
+            assert x.shape[-1] == lq2 + lk2 - 1, f"option {name}: unknown length convention"
+            x = x[..., lq2 - lq1:lq2 - 1 + lk1]
+        restricted[name] = x
+    return restricted
+
+
+@pytest.mark.parametrize("defaults", [False, True], ids=["test-options", "defaults"])
+@pytest.mark.parametrize("mech, pattern", CAUSAL_CASES)
+def test_prefix_consistency_across_lengths(mech, pattern, defaults):
+    """A causal output at i does not depend on the total length: the first rows of a long call
+    equal a short call on the prefix (causal cross: the same keys, a prefix of the queries),
+    with the test options and with the defaults a user gets."""
+    (lq2, lk2), (lq1, lk1) = pattern_lengths(pattern, 333), pattern_lengths(pattern, 150)
+    if pattern.cross:
+        lk1 = lk2
+    q, k, v = random_qkv(lq=lq2, lk=lk2)
+    options = call_options(mech, q, k, v)
+    if defaults:
+        options = {n: x for n, x in options.items() if isinstance(x, torch.Tensor)}
+    long = subq.attention(q, k, v, method=mech.name, causal=True, cross=pattern.cross,
+                          **options)
+    short = subq.attention(q[:, :, :lq1], k[:, :, :lk1], v[:, :, :lk1], method=mech.name,
+                           causal=True, cross=pattern.cross,
+                           **_options_for_prefix(mech, options, (lq2, lk2), (lq1, lk1)))
+    assert rel_rms(long[:, :, :lq1], short) <= 1e-12
+
+
 @pytest.mark.parametrize("mech", DECODERS)
 def test_decode_equals_prefill(mech):
     length = 70

@@ -25,11 +25,14 @@ rank-1 over a region. Variants (causal form; the non-causal one takes both sides
   from the regions, as the paper does (the official TF code covers it twice). A short last
   row (L not a multiple of ``span``) is seen from its missing columns through its last token.
 
-Options: ``variant="fixed"``, ``span=None`` (span of Fixed, row length of Axial/Mixture;
-``None``: ``ceil(sqrt(L))``), ``summary="max"``. Cost O(L (span + L/span)) (Logsparse
-O(L log L)); never an L x L tensor. Patterns: noncausal self, causal self. Cross attention is
-not defined (the summaries pool queries at key positions); ``key_padding_mask`` is not
-supported. Shapes: q ``(B, Hq, L, D)``, k ``(B, Hkv, L, D)``, v ``(B, Hkv, L, Dv)``.
+Options: ``variant="fixed"``, ``span=128`` (span of Fixed, row length of Axial/Mixture: the
+official code's 128; ``None``: ``ceil(sqrt(L))``, the span that balances the two costs, but
+then the pattern, and so a causal row's output, depends on the total length L: a prefix
+computed alone differs from the same prefix inside a longer sequence), ``summary="max"``.
+Cost O(L (span + L/span)) (Logsparse O(L log L)); never an L x L tensor. Patterns:
+noncausal self, causal self. Cross attention is not defined (the summaries pool queries at
+key positions); ``key_padding_mask`` is not supported. Shapes: q ``(B, Hq, L, D)``,
+k ``(B, Hkv, L, D)``, v ``(B, Hkv, L, Dv)``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ from .combiner_regions import implied_matrix, implied_output, regions
 from .common import accumulation_dtype, repeat_kv
 
 VARIANTS = ("fixed", "logsparse", "axial", "mixture")
+#: The official code's span: fixed, so that a causal output never depends on later tokens or
+#: on the total length.
+DEFAULT_SPAN = 128
 
 
 def default_span(length: int) -> int:
@@ -66,7 +72,7 @@ def _checked(key_padding_mask: torch.Tensor | None, cross: bool) -> None:
 def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                        causal: bool = False, cross: bool = False, scale: float | None = None,
                        key_padding_mask: torch.Tensor | None = None, variant: str = "fixed",
-                       span: int | None = None, summary: str = "max") -> torch.Tensor:
+                       span: int | None = DEFAULT_SPAN, summary: str = "max") -> torch.Tensor:
     """Combiner attention, the sub-quadratic fast path (see the module docstring).
 
     ``q (B, Hq, L, D)``, ``k (B, Hkv, L, D)``, ``v (B, Hkv, L, Dv)`` -> ``(B, Hq, L, Dv)``.
@@ -91,7 +97,7 @@ def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 def weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, cross: bool = False,
             scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
-            variant: str = "fixed", span: int | None = None, summary: str = "max"
+            variant: str = "fixed", span: int | None = DEFAULT_SPAN, summary: str = "max"
             ) -> torch.Tensor:
     """The implied attention matrix ``A (B, Hq, L, L)``: direct weights plus region weight x
     within-region distribution, materialised from the regions' definitions."""
@@ -106,7 +112,7 @@ def weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, cross: bo
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               cross: bool = False, scale: float | None = None,
               key_padding_mask: torch.Tensor | None = None, variant: str = "fixed",
-              span: int | None = None, summary: str = "max") -> torch.Tensor:
+              span: int | None = DEFAULT_SPAN, summary: str = "max") -> torch.Tensor:
     """``A @ v`` for the implied matrix of :func:`weights`: the O(L^2) explicit Combiner."""
     _checked(key_padding_mask, cross)
     length = q.shape[2]
@@ -121,7 +127,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 MECHANISM = Mechanism(
     name="combiner",
     paper="combiner",
-    summary="full-support attention, direct keys + region summaries in one softmax, O(L sqrt L)",
+    summary="full-support attention, direct keys + region summaries in one softmax, "
+            "O(L (s + L/s)), span s = 128",
     fn=combiner_attention,
     reference=reference,
     weights=weights,
@@ -130,8 +137,9 @@ MECHANISM = Mechanism(
     options=(
         Option("variant", str, "fixed", "factorisation: fixed, logsparse, axial or mixture",
                choices=VARIANTS),
-        Option("span", int, None, "span length (fixed) / row length (axial, mixture); "
-               "None: ceil(sqrt(L)); logsparse ignores it", low=1, nullable=True),
+        Option("span", int, DEFAULT_SPAN, "span length (fixed) / row length (axial, "
+               "mixture), the official 128; None: ceil(sqrt(L)), which makes a causal output "
+               "depend on the total length; logsparse ignores it", low=1, nullable=True),
         Option("summary", str, "max", "pooling of region keys and queries (axial uses the "
                "token's own)", choices=("max", "mean")),
     ),
