@@ -155,6 +155,13 @@ def render_markdown(results: dict[str, Any], image_prefix: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _legend(ax, **options) -> None:
+    """A grid, and a legend where something was drawn."""
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, **options)
+
+
 def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
     """The four PNGs of :data:`IMAGES` under ``folder``."""
     import matplotlib
@@ -181,8 +188,7 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
             ax.plot(*zip(*curve, strict=True), marker="o", ms=3, label=r["name"])
     ax.set(xlabel="step", ylabel=f"held-out bits per byte @ {n1}", title="held-out bpb "
            "against steps (first seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax, ncol=2)
     save(fig, "curves")
 
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -193,8 +199,7 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
            title="length extrapolation (trained at the first length)")
     ax.set_xticks(results["lengths"], [str(n) for n in results["lengths"]])
     ax.minorticks_off()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax, ncol=2)
     save(fig, "lengths")
 
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -217,9 +222,7 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
                             label=f"{r['name']} seed {s}")
     ax.set(xlabel="step", ylabel="training loss (nats per byte)",
            title="training loss of every seed")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    _legend(ax)
     save(fig, "seeds")
     return paths
 
