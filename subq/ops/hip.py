@@ -63,7 +63,12 @@ from .hip_mask import REPRESENTATIVES, search_blocks, search_iterations
 from .reference import masked_attention, masked_weights
 
 DEFAULTS = dict(topk=512, block_q=32, block_k=2, query_stride=2, sink=16, window=256,
-                representative="center", refresh=None)
+                representative="center", refresh=None, queries="prefix")
+#: How a causal prefill block chooses its keys: ``"prefix"`` (the default) scores with the
+#: queries ending at the block's first query over keys ``< s - w``, so no output depends on a
+#: later query; ``"block"`` is the paper's reading: the block's own queries over keys
+#: ``< s + b_q - w`` (prefill only; decoding always uses ``"prefix"``).
+QUERY_SELECTIONS = ("prefix", "block")
 # The attention builds key layouts for chunks of about _CHUNK_KEYS (row, key) pairs and gathers
 # keys and values for sub-chunks of about _GATHER_ELEMENTS elements (8 MiB in float32: in L3,
 # few enough ops that both cores are busy; see hip_mask's chunk sizes).
@@ -127,8 +132,9 @@ def _real_representatives(q_rep: torch.Tensor, rep_ok: torch.Tensor, real: torch
 
 
 def _select(q, k, causal, key_padding_mask, topk, block_q, block_k, query_stride, window,
-            representative) -> _Blocks:
-    """Run the tree search for every query block of a prefill (rows ``(b, h, n)``)."""
+            representative, queries="prefix") -> _Blocks:
+    """Run the tree search for every query block of a prefill (rows ``(b, h, n)``); causal
+    blocks by ``queries`` (:data:`QUERY_SELECTIONS`)."""
     batch, q_heads, length, dim = q.shape
     kv_heads = k.shape[1]
     n_q_blocks = -(-length // block_q)
@@ -146,11 +152,14 @@ def _select(q, k, causal, key_padding_mask, topk, block_q, block_k, query_stride
         batch, q_heads, length).reshape(heads, length)
     # Built from Python ints: inductor's index propagation mis-handles clamp + floor division
     # of arange-derived search ranges (torch 2.13, "vr must not be None").
-    ends = [max(0, n * block_q - window) if causal else length for n in range(n_q_blocks)]
+    own = not causal or queries == "block"
+    ends = [length if not causal else
+            max(0, min(length, (n + 1) * block_q) - window) if own else
+            max(0, n * block_q - window) for n in range(n_q_blocks)]
     blocks, valid = [], []
     for n0, n1 in _search_groups(ends, n_nodes, block_k):
         start = torch.arange(n0, n1, device=device) * block_q
-        rep_pos = start[:, None] - offsets if causal else start[:, None] + offsets
+        rep_pos = start[:, None] + offsets if own else start[:, None] - offsets
         rep_ok = ((rep_pos >= 0) & (rep_pos < length)).repeat(heads, 1)
         q_rep = q_flat[:, rep_pos.clamp(0, length - 1)].reshape(-1, offsets.shape[0], dim)
         if query_ok is not None:
@@ -329,14 +338,15 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
                   key_padding_mask: torch.Tensor | None = None, topk: int = 512,
                   block_q: int = 32, block_k: int = 2, query_stride: int = 2, sink: int = 16,
                   window: int = 256, representative: str = "center",
-                  refresh: int | None = None) -> torch.Tensor:
+                  refresh: int | None = None, queries: str = "prefix") -> torch.Tensor:
     """HiP attention, block-sparse over the tree search's selection (see the module docstring).
 
     ``q (B, Hq, L, D)``, ``k (B, Hkv, L, D)``, ``v (B, Hkv, L, Dv)`` -> ``(B, Hq, L, Dv)``.
     Options (paper defaults): ``topk=512`` keys chosen by the search (``topk // block_k``
     blocks), ``block_q=32``, ``block_k=2``, ``query_stride=2`` (b_sq), ``sink=16``,
     ``window=256``, ``representative="center"`` (or ``"first"``), ``refresh=None`` (decoding
-    only; ``None`` is ``block_q``, exact).
+    only; ``None`` is ``block_q``, exact), ``queries="prefix"`` (or the paper's ``"block"``,
+    :data:`QUERY_SELECTIONS`).
     """
     _check_pattern(cross)
     batch, q_heads, length, dim = q.shape
@@ -344,7 +354,7 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     scale = dim ** -0.5 if scale is None else scale
     acc = accumulation_dtype(q.dtype)
     sel = _select(q, k, causal, key_padding_mask, topk, block_q, block_k, query_stride, window,
-                  representative)
+                  representative, queries)
     n_window = window + block_q + (0 if causal else window)
     n_q_blocks = -(-length // block_q)
     kv_row = _kv_rows(batch, kv_heads, q_heads // kv_heads, q.device)
@@ -391,13 +401,13 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
 def hip_mask(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
              key_padding_mask: torch.Tensor | None = None, topk: int = 512, block_q: int = 32,
              block_k: int = 2, query_stride: int = 2, sink: int = 16, window: int = 256,
-             representative: str = "center") -> torch.Tensor:
+             representative: str = "center", queries: str = "prefix") -> torch.Tensor:
     """The union mask ``(B, Hq, L, L)`` (True: query i attends to key j), built densely from
     the definitions (sink, window, selected blocks, causality, padding): O(L^2), for the
     reference, the weights and pictures."""
     batch, q_heads, length, _ = q.shape
     sel = _select(q, k, causal, key_padding_mask, topk, block_q, block_k, query_stride, window,
-                  representative)
+                  representative, queries)
     n_q_blocks = -(-length // block_q)
     n_k_blocks = -(-length // block_k)
     chosen = torch.zeros(sel.blocks.shape[0], n_k_blocks + 1, dtype=torch.bool, device=q.device)
@@ -536,12 +546,13 @@ def _load(state: HipCache, sel: _Blocks, kv_row: torch.Tensor, t: int, *, block_
 def step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: HipCache, *,
          scale: float | None = None, topk: int = 512, block_q: int = 32, block_k: int = 2,
          query_stride: int = 2, sink: int = 16, window: int = 256,
-         representative: str = "center", refresh: int | None = None
-         ) -> tuple[torch.Tensor, HipCache]:
+         representative: str = "center", refresh: int | None = None,
+         queries: str = "prefix") -> tuple[torch.Tensor, HipCache]:
     """One causal decoding step: append ``(k_t, v_t)`` (``(B, Hkv, 1, D)``), re-run the search
     if ``t % refresh == 0`` (or the state has no selection yet), attend ``q_t (B, Hq, 1, D)``
     to sink, selected blocks and window ``[s - w, t]`` with one fused softmax over the state's
-    buffers. Returns ``((B, Hq, 1, Dv), state)``; the state is updated in place."""
+    buffers. Returns ``((B, Hq, 1, Dv), state)``; the state is updated in place. ``queries``
+    is a prefill option: a step has no later query, so it always searches as ``"prefix"``."""
     batch, q_heads, _, dim = q_t.shape
     kv_heads = k_t.shape[1]
     scale = dim ** -0.5 if scale is None else scale
@@ -598,6 +609,11 @@ MECHANISM = Mechanism(
                "r_m: decoding re-runs the search every refresh steps; None: block_q, so that "
                "decoding equals the prefill (the paper's 8 approximates it)", low=1,
                nullable=True),
+        Option("queries", str, DEFAULTS["queries"],
+               "causal prefill: 'prefix' scores a block with the queries before it, keys < s - w "
+               "(no output depends on a later query); 'block' (the paper's) with its own "
+               "queries, keys < s + b_q - w; decoding always 'prefix'",
+               choices=QUERY_SELECTIONS),
     ),
     init_state=init_state,
     step=step,

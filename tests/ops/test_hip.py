@@ -99,20 +99,44 @@ def test_budget_above_length_is_dense_attention(causal):
     assert rel_rms(dense, out) <= 1e-12
 
 
+@pytest.mark.parametrize("queries", ["prefix", "block"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("length", [257, 333])
-def test_inference_path_equals_reference_and_autograd_path(causal, length):
+def test_inference_path_equals_reference_and_autograd_path(causal, length, queries):
     """Without autograd the prefill takes the split form (sink + selected keys gathered,
     window as a strided view, merged by log-sum-exp); it must equal the reference and the
-    single-softmax form that autograd uses, also with GQA and a partial last block."""
+    single-softmax form that autograd uses, also with GQA and a partial last block, with
+    either query selection."""
     q, k, v = random_qkv(lq=length, dim=16)
-    options = dict(topk=16, block_q=8, block_k=4, sink=3, window=12)
+    options = dict(topk=16, block_q=8, block_k=4, sink=3, window=12, queries=queries)
     fast = subq.attention(q, k, v, method="hip", causal=causal, **options)
     ref = subq.reference(q, k, v, method="hip", causal=causal, **options)
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
     differentiable = subq.attention(*leaves, method="hip", causal=causal, **options)
     assert rel_rms(ref, fast) <= 1e-12
     assert rel_rms(differentiable.detach(), fast) <= 1e-12
+
+
+def test_block_queries_are_the_papers_reading():
+    """``queries="block"`` scores a causal block with its own queries over keys
+    ``< s + b_q - w``: a later query of the block changes an earlier row's keys (the paper's
+    leak), which ``"prefix"`` never does; with padding it still equals its reference."""
+    options = dict(topk=4, block_q=8, block_k=2, sink=1, window=4, query_stride=1)
+    q, k, v = random_qkv(batch=1, q_heads=2, kv_heads=1, lq=96, dim=8)
+    later = q.clone()
+    later[:, :, 47] = 10 * torch.randn_like(later[:, :, 47])  # the last query of block 5
+    for queries, leaks in (("block", True), ("prefix", False)):
+        a, b = (subq.weights(x, k, method="hip", causal=True, queries=queries, **options)
+                for x in (q, later))
+        changed = ((a != 0) != (b != 0))[:, :, :47].any()  # rows before the changed query
+        assert bool(changed) == leaks, queries
+    mask = torch.zeros(1, 96, dtype=torch.bool)
+    mask[0, :13] = True
+    out = subq.attention(q, k, v, method="hip", causal=True, queries="block",
+                         key_padding_mask=mask, **options)
+    ref = subq.reference(q, k, v, method="hip", causal=True, queries="block",
+                         key_padding_mask=mask, **options)
+    assert rel_rms(ref, out) <= 1e-12
 
 
 @pytest.mark.parametrize("length", [37, 61, 150])
