@@ -11,8 +11,10 @@ through ``subq.attention(method="ntk")``. :class:`NTKSelfAttention` is a multi-h
 attention (``qkv``/``proj`` like :class:`subq.nn.dit.SoftmaxAttention`) with such a prefix;
 ``subq.recipes.peft.add_ntk_attention`` swaps it into a pretrained model.
 
-Note (as in the released code): ``|k|`` has zero gradient at ``k = 0``, so from the zero
-initialisation only ``Z`` learns unless ``k`` is set away from zero.
+Both summaries train from the first step: the released code's ``|k|`` has zero gradient at
+``k = 0``, so from this initialisation only ``Z`` would learn; subq's op takes the right
+derivative of ``|k|`` at 0 (:func:`subq.ops.ntk.magnitude`), so the layer starts exactly as
+the frozen model and ``k`` still receives a gradient.
 """
 
 from __future__ import annotations

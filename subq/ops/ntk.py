@@ -9,8 +9,10 @@ A prefix ``P`` of any length m, with keys ``K_P`` and values ``V_P``, is replace
 
 where ``j`` runs over the visible input keys (the causal mask and the key padding touch only
 the input part: every query sees the whole prefix). ``Z = 0, k = 0`` is plain softmax
-attention. The max-trick divides both terms by ``exp(M_i)`` with
-``M_i = max(max_j s_ij, log(phi(q_i)^T |k|))``, which is exact.
+attention, and from that start both summaries train: the derivative of ``|k|`` at 0 is taken
+as +1 (:func:`magnitude`), not torch's 0, which would leave ``k`` at 0. The max-trick
+divides both terms by ``exp(M_i)`` with ``M_i = max(max_j s_ij, log(phi(q_i)^T |k|))``, which
+is exact.
 
 The input part stays quadratic in L (NTK-Attention is sub-quadratic in the prefix length m
 only): the fast path walks the queries in blocks of ``_BLOCK_ROWS`` rows, so memory is
@@ -70,8 +72,17 @@ def _prefix_terms(q: torch.Tensor, dv: int, z: torch.Tensor | None, kz: torch.Te
     if kz is None:
         den = features.new_zeros(q.shape[:3])
     else:
-        den = (features * kz.to(acc).abs()[:, :, None, :]).sum(-1)
+        den = (features * magnitude(kz.to(acc))[:, :, None, :]).sum(-1)
     return num, den
+
+
+def magnitude(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` whose derivative at ``x = 0`` is +1 rather than torch's 0. ``|x|`` has no
+    derivative at 0 and any value in ``[-1, 1]`` is a subgradient; torch's 0 would freeze a
+    summary ``k`` initialised to 0 (the start that makes NTK-Attention equal softmax
+    attention) forever, so only ``Z`` would learn. The right derivative lets ``k`` leave 0 on
+    the first step; the forward value is ``|x|`` exactly."""
+    return x.abs() + (x - x.detach()) * (x == 0)
 
 
 def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 
 import subq
 from subq.nn.ntk import NTKPrefix, NTKSelfAttention
+from subq.ops.ntk import magnitude
 
 from ..helpers import rel_rms
 
@@ -32,9 +33,23 @@ def test_zero_start_is_softmax_attention_and_trained_prefix_is_ntk():
     assert rel_rms(dense, out) > 1e-2
 
 
-def test_self_attention_gradients_reach_z():
+def test_every_prefix_parameter_trains_from_the_zero_start():
+    """At the zero start (the layer equals softmax attention) the first backward reaches every
+    entry of both summaries, ``Z`` and ``k`` (torch's derivative of ``|k|`` at 0 is 0: only
+    ``Z`` would learn), and one optimiser step moves both."""
     attn = NTKSelfAttention(32, heads=4, causal=True)
     x = torch.randn(2, 10, 32)
     attn(x).pow(2).sum().backward()
-    assert attn.prefix.z.grad.abs().sum() > 0
+    for name, p in attn.prefix.named_parameters():
+        assert (p.grad != 0).all(), f"{name}: {(p.grad == 0).sum()} entries without gradient"
     assert attn.qkv.weight.grad is not None
+    torch.optim.SGD(attn.prefix.parameters(), lr=1e-2).step()
+    assert (attn.prefix.kz != 0).all() and (attn.prefix.z != 0).all()
+
+
+def test_magnitude_is_abs_with_unit_slope_at_zero():
+    x = torch.tensor([-2.0, 0.0, 3.0], requires_grad=True)
+    y = magnitude(x)
+    assert torch.equal(y, x.abs())
+    y.sum().backward()
+    assert x.grad.tolist() == [-1.0, 1.0, 1.0]
