@@ -220,12 +220,13 @@ def _replay(method, options, queries, query, key, value, scaling):
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """The model's attention modules by ``layer_idx`` (classes named ``*Attention``)."""
-    found = {}
-    for module in model.modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and type(module).__name__.endswith("Attention"):
-            found[idx] = module
+    """The model's attention modules (classes named ``*Attention``) by ``layer_idx``; in a
+    model whose modules carry none (ViT and other encoders), the modules that call the
+    attention interface (those with an ``is_causal`` attribute), numbered in model order."""
+    candidates = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    found = {m.layer_idx: m for m in candidates if isinstance(getattr(m, "layer_idx", None), int)}
+    if not found:
+        found = dict(enumerate(m for m in candidates if hasattr(m, "is_causal")))
     return dict(sorted(found.items()))
 
 
@@ -241,7 +242,10 @@ def patch(model: torch.nn.Module, method: str, layers: Iterable[int] | None = No
     mech.resolve_options(options)
     modules = attention_modules(model)
     if not modules:
-        raise ValueError("found no attention module with a layer_idx in this model")
+        raise ValueError("found no attention module in this model: patch() looks for "
+                         "modules named *Attention with a layer_idx or an is_causal attribute "
+                         "(those that call transformers' attention interface); register() "
+                         "and set_attn_implementation('subq_<method>') switch the whole model")
     chosen = list(modules) if layers is None else sorted(set(layers))
     missing = [i for i in chosen if i not in modules]
     if missing:

@@ -99,6 +99,28 @@ def test_patch_swaps_only_chosen_layers():
         hf.patch(model, "local", window=-1)
 
 
+def test_patch_selects_layers_by_order_without_layer_idx():
+    """ViT's attention modules carry no ``layer_idx``: ``patch`` numbers them in model order,
+    swaps only the layers named, and ``dense`` equals stock SDPA."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                       intermediate_size=64, image_size=16, patch_size=4,
+                       attn_implementation="sdpa")
+    model = ViTModel(config, add_pooling_layer=False).eval()
+    assert len(hf.attention_modules(model)) == 3
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        stock = model(pixels).last_hidden_state
+        assert hf.patch(model, "dense", layers=[1]) == [1]
+        dense = model(pixels).last_hidden_state
+        hf.patch(model, "local", layers=[2], window=2)
+        local = model(pixels).last_hidden_state
+    assert rel(dense, stock) < 1e-5
+    assert rel(local, stock) > 1e-3
+    assert dict(hf.patched_layers(model)) == {1: ("dense", {}), 2: ("local", {"window": 2})}
+
+
 def test_padding_is_refused_in_cached_generation():
     model = tiny_llama()
     hf.patch(model, "local", window=4)
