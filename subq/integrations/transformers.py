@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import (
     AttentionMaskInterface,
@@ -133,9 +134,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     ``((B, Lq, Hq, Dv), None)``.
     """
     method, options = _method_and_options(module, method)
-    if dropout:
-        raise NotImplementedError(f"subq attention {method!r} applies no attention dropout; "
-                                  f"got dropout={dropout} (call model.eval())")
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"subq attention {method!r} does not take {name!r}")
@@ -143,7 +141,16 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     key_padding_mask = _key_padding_mask(attention_mask, key)
     lq, lk = query.shape[2], key.shape[2]
-    if causal and lq < lk:
+    if dropout:
+        if method != "dense":
+            raise NotImplementedError(
+                f"subq attention {method!r} applies no attention dropout (only 'dense' does, "
+                f"as SDPA); got dropout={dropout} in training: set the model config's "
+                "attention dropout to 0 (attention_dropout, attention_probs_dropout_prob or "
+                "attn_pdrop, by family) to train with it")
+        out = _dense_with_dropout(query, key, value, key_padding_mask, causal, dropout,
+                                  scaling)
+    elif causal and lq < lk:
         out = _decode(module, method, options, query, key, value, key_padding_mask, scaling)
     else:
         out = subq.attention(query, key, value, method=method, causal=causal,
@@ -152,6 +159,23 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if causal and lq == lk and registry.get(method).decodes:
             module._subq_prefill = _Prefill(query.detach(), _checksum(key))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _dense_with_dropout(query, key, value, key_padding_mask, causal, dropout, scaling):
+    """Dense attention with attention dropout, as transformers' ``sdpa`` computes it: one
+    ``F.scaled_dot_product_attention`` call with ``dropout_p``, ``is_causal`` when no padding
+    mask is needed, else a boolean mask (bottom-right causality when ``Lq < Lk``), grouped
+    heads through ``enable_gqa``; so a seeded run draws the same dropout as stock SDPA."""
+    lq, lk = query.shape[2], key.shape[2]
+    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    if causal and lq > 1 and (mask is not None or lq != lk):
+        rows = torch.arange(lq, device=query.device)[:, None] + (lk - lq)
+        allowed = torch.arange(lk, device=query.device)[None, :] <= rows
+        mask = allowed if mask is None else mask & allowed
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout,
+        is_causal=causal and mask is None and lq > 1, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1])
 
 
 @dataclass

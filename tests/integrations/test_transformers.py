@@ -121,6 +121,34 @@ def test_patch_selects_layers_by_order_without_layer_idx():
     assert dict(hf.patched_layers(model)) == {1: ("dense", {}), 2: ("local", {"window": 2})}
 
 
+def test_training_with_attention_dropout_equals_stock_sdpa():
+    """In training mode ``dense`` applies the config's attention dropout as SDPA does: the same
+    seed gives the same logits as stock SDPA (with left padding too); other mechanisms refuse
+    by name and say which config key to set."""
+    config = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                  attention_dropout=0.3)
+    stock = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa")).train()
+    ids = torch.randint(0, 97, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :5] = 0
+    outs = []
+    for patched in (False, True):
+        if patched:
+            hf.patch(stock, "dense")
+        for attention_mask in (None, mask):
+            torch.manual_seed(0)
+            outs.append(stock(ids, attention_mask=attention_mask).logits)
+    torch.manual_seed(1)
+    assert rel(stock(ids).logits, outs[2]) > 1e-3  # the dropout is drawn, not skipped
+    assert rel(outs[2], outs[0]) < 1e-6
+    real = mask.bool()
+    assert rel(outs[3][real], outs[1][real]) < 1e-6
+    hf.patch(stock, "local", window=4)
+    with pytest.raises(NotImplementedError, match="attention_dropout"):
+        stock(ids)
+
+
 def test_padding_is_refused_in_cached_generation():
     model = tiny_llama()
     hf.patch(model, "local", window=4)
