@@ -44,6 +44,7 @@ Generation with a padded batch raises ``NotImplementedError`` (``step`` takes no
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     ``((B, Lq, Hq, Dv), None)``.
     """
     method, options = _method_and_options(module, method)
+    if kwargs.get("output_attentions"):
+        warnings.warn(f"subq attention {method!r} returns no attention weights "
+                      "(output_attentions=True gives None for its layers); subq.weights(q, k, "
+                      "method=...) computes a mechanism's attention matrix", stacklevel=2)
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"subq attention {method!r} does not take {name!r}")
@@ -205,6 +210,11 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _decode(module, method, options, query, key, value, key_padding_mask, scaling):
+    if not registry.get(method).decodes:
+        raise NotImplementedError(
+            f"subq attention {method!r} does not decode token by token, so it cannot use the "
+            "KV cache: generate with use_cache=False (every step recomputes the sequence), or "
+            f"patch with one of {[m.name for m in registry.mechanisms() if m.decodes]}")
     if key_padding_mask is not None:
         raise NotImplementedError(
             f"generation with a padded batch: subq's step for {method!r} takes no "

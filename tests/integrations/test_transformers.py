@@ -149,6 +149,19 @@ def test_training_with_attention_dropout_equals_stock_sdpa():
         stock(ids)
 
 
+def test_cached_generation_with_a_mechanism_that_does_not_decode_says_use_cache_false():
+    model = tiny_llama(layers=2)
+    hf.patch(model, "kernelized_rpe")
+    ids = torch.randint(0, 97, (1, 10))
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match="use_cache=False"):
+            model.generate(ids, max_new_tokens=2, do_sample=False)
+        again = model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)
+        with pytest.warns(UserWarning, match="no attention weights"):
+            model(ids, output_attentions=True)
+    assert again.shape == (1, 12)
+
+
 def test_padding_is_refused_in_cached_generation():
     model = tiny_llama()
     hf.patch(model, "local", window=4)
