@@ -57,6 +57,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "subq.bench.lm_eval",
     "subq.recipes.recall",
     "subq.recipes.lm",
+    "subq.recipes.vision",
 )
 
 
