@@ -16,7 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import fused_attention_with_lse, masked_softmax, merge_weights
+from .common import (
+    fused_attention_with_lse,
+    fused_kernel_applies,
+    masked_softmax,
+    merge_weights,
+)
 
 # einsum forms that mix a probability group with its values on an (n, m) grid:
 # "row": key (r, e) of the query's own grid row; "col": key (s, c) of the query's grid column.
@@ -124,11 +129,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`_attend` may use the flash kernel: CPU, equal head and value dims, and
-    no gradient to carry."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                              or v.requires_grad)
-    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and not needs_grad
+    """Whether :func:`_attend` may use the flash kernel (:func:`fused_kernel_applies`)."""
+    return fused_kernel_applies(q, v, k)
 
 
 def _rows(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, length: int, causal: bool,

@@ -59,6 +59,17 @@ def fused_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out, lse
 
 
+def fused_kernel_applies(q: torch.Tensor, v: torch.Tensor, *others: torch.Tensor | None
+                         ) -> bool:
+    """Whether :func:`fused_attention_with_lse` may serve a call: CPU, equal query and value
+    head dims (the kernel's constraint), no gradient to carry through any of the tensors (its
+    log-sum-exp has none) and not under ``torch.compile``."""
+    tensors = [x for x in (q, v, *others) if x is not None]
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    return (q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and not needs_grad
+            and not torch.compiler.is_compiling())
+
+
 def merge_weights(lses: list[torch.Tensor]) -> list[torch.Tensor]:
     """Weights that merge softmaxes over disjoint key groups into their joint softmax:
     ``w_g = exp(lse_g - logsumexp_g lse_g)``, so ``out = sum_g w_g out_g`` exactly, where

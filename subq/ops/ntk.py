@@ -32,7 +32,13 @@ import torch.nn.functional as F
 
 from ..registry import ALL_PATTERNS, Mechanism, Option
 from . import masks
-from .common import accumulation_dtype, new_empty, repeat_kv
+from .common import (
+    accumulation_dtype,
+    fused_attention_with_lse,
+    fused_kernel_applies,
+    new_empty,
+    repeat_kv,
+)
 
 _BLOCK_ROWS = 512
 
@@ -108,6 +114,9 @@ def ntk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     keys = repeat_kv(k, groups).to(acc)
     values = repeat_kv(v, groups).to(acc)
     prefix_num, prefix_den = _prefix_terms(q, dv, z, kz, acc)
+    if fused_kernel_applies(q, v, k, z, kz):
+        return _with_fused_softmax(q, keys, values, causal and not cross, scale,
+                                   key_padding_mask, prefix_num, prefix_den).to(q.dtype)
     key_ok = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
     out = new_empty(batch, q_heads, lq, dv, like=q)
     for start in range(0, lq, _BLOCK_ROWS):
@@ -130,6 +139,37 @@ def ntk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         den = e.sum(dim=-1) + p_den * rescale
         out[:, :, start:stop] = _divide(num, den).to(q.dtype)
     return out
+
+
+def _with_fused_softmax(q, keys, values, causal, scale, key_padding_mask, prefix_num,
+                        prefix_den) -> torch.Tensor:
+    """The inference form: the input part by torch's fused kernel, which returns the softmax
+    output ``o_i`` and its log-sum-exp ``l_i = log sum_j exp(s_ij)``, so that with
+    ``M_i = max(l_i, log(phi(q_i)^T |k|))``
+
+        out_i = (o_i e^(l_i - M_i) + phi(q_i)^T Z e^(-M_i))
+              / (e^(l_i - M_i) + phi(q_i)^T |k| e^(-M_i))
+
+    exactly (``o_i e^(l_i)`` is the input part's numerator, ``e^(l_i)`` its denominator): the
+    cost of dense attention plus O(L d dv), no score matrix. A row that sees no key has
+    ``l_i = -inf`` and takes the prefix alone."""
+    acc = keys.dtype
+    bias = None
+    if key_padding_mask is not None:
+        bias = torch.zeros(key_padding_mask.shape, dtype=acc, device=q.device).masked_fill(
+            key_padding_mask, float("-inf"))[:, None, None, :]
+    o, lse = fused_attention_with_lse(q.to(acc), keys, values, causal=causal, attn_mask=bias,
+                                      scale=scale)
+    if key_padding_mask is not None:
+        # The kernel gives a row that sees no key o = 0, lse = 0; such a row must weigh 0.
+        visible = (~key_padding_mask).cumsum(-1) if causal else (~key_padding_mask).sum(
+            -1, keepdim=True).expand(-1, q.shape[2])
+        lse = lse.masked_fill((visible[:, :q.shape[2]] == 0)[:, None], float("-inf"))
+    shift = torch.maximum(lse, prefix_den.log())
+    shift = shift.masked_fill(torch.isinf(shift), 0.0)
+    weight, rescale = torch.exp(lse - shift), torch.exp(-shift)
+    return _divide(o * weight[..., None] + prefix_num * rescale[..., None],
+                   weight + prefix_den * rescale)
 
 
 def _allowed(lq, lk, causal, cross, key_padding_mask, device):

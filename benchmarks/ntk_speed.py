@@ -1,0 +1,55 @@
+"""NTK-Attention's forward beside dense SDPA, timed interleaved in one process (medians after a
+warm-up): the inference form merges the prefix terms with the fused kernel's output through its
+log-sum-exp, so it should cost what SDPA costs plus O(L d dv).
+
+    python benchmarks/ntk_speed.py --lengths 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import subq
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} threads; B=1, H=8, D=64, float32, forward, no autograd")
+    print("| L | pattern | SDPA (ms) | ntk (ms) | ntk / SDPA |")
+    print("|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for length in args.lengths:
+        for causal in (False, True):
+            q, k, v = (torch.randn(1, 8, length, 64, generator=g) for _ in range(3))
+            prefix = {"z": 0.01 * torch.randn(1, 8, 64, 64, generator=g),
+                      "kz": 0.01 * torch.randn(1, 8, 64, generator=g)}
+            calls = {"sdpa": (F.scaled_dot_product_attention, {"is_causal": causal}),
+                     "ntk": (subq.attention, {"method": "ntk", "causal": causal, **prefix})}
+            times = {name: [] for name in calls}
+            with torch.no_grad():
+                for fn, kwargs in calls.values():
+                    fn(q, k, v, **kwargs)
+                for _ in range(args.repeats):
+                    for name, (fn, kwargs) in calls.items():
+                        start = time.perf_counter()
+                        fn(q, k, v, **kwargs)
+                        times[name].append(time.perf_counter() - start)
+            sdpa, ntk = (statistics.median(times[n]) for n in ("sdpa", "ntk"))
+            print(f"| {length} | {'causal' if causal else 'noncausal'} self | {sdpa * 1e3:.0f} "
+                  f"| {ntk * 1e3:.0f} | {ntk / sdpa:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
