@@ -18,6 +18,7 @@ process stops after that long) splits the grid over several calls.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -193,10 +194,11 @@ def _record(job: _Job, status: int, rusage: Any, budget: Budget) -> bool:
 
 def run_grid(grid: Sequence[Entry], budget: Budget, out: Path, *, jobs: int = 2,
              threads: int = 1, chunk: float | None = None,
-             log: Callable[[str], None] = print) -> dict[str, int]:
+             log: Callable[[str], None] | None = None) -> dict[str, int]:
     """Run every unfinished run of ``grid``, ``jobs`` processes at a time with ``threads``
     intra-op threads each; a training-free entry starts once its source run is finished.
     Returns counts of ``finished`` and ``unfinished`` runs and those that ``failed``."""
+    log = log or functools.partial(print, flush=True)
     out = Path(out)
     _check_budget(out, budget)
     pending = plan(grid, budget, out, chunk)
