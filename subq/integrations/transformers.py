@@ -61,6 +61,7 @@ from transformers.masking_utils import (
 
 import subq
 from subq import registry
+from subq.nn.ntk import NTKPrefix
 
 PREFIX = "subq_"
 _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias")
@@ -135,6 +136,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     ``((B, Lq, Hq, Dv), None)``.
     """
     method, options = _method_and_options(module, method)
+    prefix = getattr(module, "ntk_prefix", None)
+    if method == "ntk" and prefix is not None:
+        options = {**options, "z": prefix.z.to(query.dtype), "kz": prefix.kz.to(query.dtype)}
     if kwargs.get("output_attentions"):
         warnings.warn(f"subq attention {method!r} returns no attention weights "
                       "(output_attentions=True gives None for its layers); subq.weights(q, k, "
@@ -293,6 +297,28 @@ def patch(model: torch.nn.Module, method: str, layers: Iterable[int] | None = No
     return chosen
 
 
+def add_ntk_prefixes(model: torch.nn.Module, layers: Iterable[int] | None = None
+                     ) -> dict[int, NTKPrefix]:
+    """NTK-Attention as parameter-efficient fine-tuning of a transformers model (Liang et al.):
+    the attention of ``layers`` (all by default) becomes NTK-Attention over the model's own
+    ``q, k, v`` (after RoPE, grouped-query heads as they are), each layer with a trainable
+    :class:`subq.nn.ntk.NTKPrefix` (``Z (1, Hq, d, d)``, ``k (1, Hq, d)``) registered on its
+    attention module as ``ntk_prefix``. The prefixes start at zero, so the model computes what
+    it did before (logits and greedy tokens, with the KV cache too); both summaries train from
+    the first step. Freezing the rest is the caller's choice. Returns ``{layer: prefix}``."""
+    modules = attention_modules(model)
+    chosen = patch(model, "ntk", layers=layers)
+    heads = model.config.num_attention_heads
+    prefixes = {}
+    for i in chosen:
+        module = modules[i]
+        weight = next(module.parameters())
+        head_dim = getattr(module, "head_dim", None) or model.config.hidden_size // heads
+        module.ntk_prefix = NTKPrefix(heads, head_dim).to(weight.device)
+        prefixes[i] = module.ntk_prefix
+    return prefixes
+
+
 def unpatch(model: torch.nn.Module, layers: Iterable[int] | None = None) -> None:
     """Undo :func:`patch` on ``layers`` (all by default): they follow the model's setting."""
     modules = attention_modules(model)
@@ -300,6 +326,7 @@ def unpatch(model: torch.nn.Module, layers: Iterable[int] | None = None) -> None
         modules[i].__dict__.pop("subq_attention", None)
         modules[i].__dict__.pop("_subq_decode", None)
         modules[i].__dict__.pop("_subq_prefill", None)
+        modules[i]._modules.pop("ntk_prefix", None)
 
 
 def patched_layers(model: torch.nn.Module) -> Mapping[int, tuple[str, dict[str, Any]]]:

@@ -162,6 +162,33 @@ def test_cached_generation_with_a_mechanism_that_does_not_decode_says_use_cache_
     assert again.shape == (1, 12)
 
 
+def test_ntk_prefixes_start_as_the_stock_model_and_train():
+    """NTK-Attention over Llama's own q, k, v (GQA, after RoPE): at the zero start the logits
+    and the greedy tokens (with the KV cache) are the stock model's; every prefix entry gets a
+    gradient; with trained prefixes cached generation still equals recomputation."""
+    model = tiny_llama(layers=3)
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        stock_logits = model(ids).logits
+        stock_tokens = _generate(model, ids, cache=True)
+    prefixes = hf.add_ntk_prefixes(model, layers=[1, 2])
+    assert sorted(prefixes) == [1, 2] and prefixes[1].z.shape == (1, 6, 8, 8)
+    with torch.no_grad():
+        assert rel(model(ids).logits, stock_logits) < 1e-6
+        assert torch.equal(_generate(model, ids, cache=True), stock_tokens)
+    model(ids).logits.pow(2).mean().backward()
+    for prefix in prefixes.values():
+        assert (prefix.z.grad != 0).all() and (prefix.kz.grad != 0).all()
+    with torch.no_grad():
+        for prefix in prefixes.values():
+            prefix.z.normal_()
+            prefix.kz.normal_()
+        assert rel(model(ids).logits, stock_logits) > 1e-3
+        assert torch.equal(_generate(model, ids, cache=True), _generate(model, ids, cache=False))
+    hf.unpatch(model)
+    assert not any("ntk_prefix" in name for name, _ in model.named_parameters())
+
+
 def test_padding_is_refused_in_cached_generation():
     model = tiny_llama()
     hf.patch(model, "local", window=4)
