@@ -16,11 +16,13 @@ from ..nn.ntk import NTKPrefix, NTKSelfAttention
 
 
 def add_ntk_attention(model: nn.Module, targets: tuple[type, ...] = (SoftmaxAttention,),
-                      causal: bool = False) -> list[NTKPrefix]:
+                      causal: bool = False, keep_trainable: tuple[str, ...] = ()
+                      ) -> list[NTKPrefix]:
     """Swap every ``targets`` module of ``model`` (in place) for NTK attention, freeze all
-    other parameters and return the new (trainable) prefixes."""
-    for param in model.parameters():
-        param.requires_grad_(False)
+    other parameters except those whose names start with one of ``keep_trainable`` (a task
+    head a fine-tune trains, e.g. ``("head.",)``) and return the new (trainable) prefixes."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(keep_trainable) if keep_trainable else False)
     swaps = [(parent, name, child) for parent in model.modules()
              for name, child in parent.named_children()
              if isinstance(child, targets) and not isinstance(child, NTKSelfAttention)]

@@ -43,3 +43,15 @@ def test_ntk_patch_starts_as_the_frozen_model_and_trains_only_prefixes():
             assert torch.equal(param, frozen[name]), f"{name} changed"
         else:
             assert name.endswith(("prefix.z", "prefix.kz")), name
+
+
+def test_ntk_patch_can_keep_a_task_head_trainable():
+    model = torch.nn.ModuleDict({"blocks": _model(), "head": torch.nn.Linear(48, 3)})
+    add_ntk_attention(model)
+    assert not any(p.requires_grad for p in model["head"].parameters())  # frozen by default
+    model = torch.nn.ModuleDict({"blocks": _model(), "head": torch.nn.Linear(48, 3)})
+    prefixes = add_ntk_attention(model, keep_trainable=("head.",))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"} | {
+        n for n, _ in model.named_parameters() if n.endswith(("prefix.z", "prefix.kz"))}
+    assert len(prefixes) == 2
