@@ -150,7 +150,8 @@ class DownSample(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), height, width
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_weights(m: nn.Module) -> None:
+    """Truncated-normal linears (std 0.02), unit LayerNorms, He-normal convolutions (fan out)."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -196,7 +197,7 @@ class GroupMamba(nn.Module):
         self.post_network = nn.ModuleList([ClassBlock(embed_dims[-1], mlp_ratios[-1])])
         self.head = nn.Linear(embed_dims[-1], num_classes)
         self.dist_head = nn.Linear(embed_dims[-1], num_classes) if distillation else None
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``(B, C, H, W)`` -> normalised class token ``(B, embed_dims[-1])``."""

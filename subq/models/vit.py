@@ -52,7 +52,7 @@ import subq
 
 from ..nn.dit import merge_heads, split_heads
 from ..nn.lit import LiTAttention
-from .groupmamba import FFN, GroupMamba
+from .groupmamba import FFN, GroupMamba, init_weights
 
 IMAGE_SIZE = 28
 IN_CHANS = 1
@@ -206,7 +206,7 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
@@ -217,16 +217,6 @@ class ViT(nn.Module):
         for block in self.blocks:
             x = block(x, height, width)
         return self.head(self.norm(x).mean(dim=1))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def vit_parameters(cfg: ViTConfig) -> int:

@@ -23,7 +23,7 @@ from torch import nn
 from ..models.lm import LM, MIXERS, PRESETS, lm_config
 from ..tasks.text import WindowSampler, bits_per_byte, eval_windows, load_corpus
 from .arguments import add_trainer_arguments, trainer_config
-from .trainer import Trainer, TrainerConfig, unwrap
+from .trainer import TrainerConfig, train_task, unwrap
 
 #: The trainer's settings for the LM: AdamW lr 2e-3 (betas 0.9, 0.95, weight decay 0.1 on
 #: matrices), 100 warm-up steps, cosine to 10 %, batches of 16 windows, a checkpoint every 100
@@ -121,16 +121,11 @@ def train(cfg: LMTaskConfig, trainer: TrainerConfig) -> dict[str, Any]:
     if not trainer.out:
         trainer = replace(trainer, out=default_out(cfg, trainer.seed))
     task = LMTask(cfg, trainer.seed)
-    runner = Trainer(task, trainer)
-    params = unwrap(runner.model).num_parameters()
-    if runner.is_main:
-        print(f"lm {cfg.mixer} ({cfg.preset}): {params:,} parameters; corpus "
-              f"{task.corpus.name}: {task.corpus.train.numel():,} train bytes "
-              f"({task.corpus.train_documents} documents), {task.corpus.valid.numel():,} "
-              f"held out ({task.corpus.valid_documents}); out {trainer.out}", flush=True)
-    result = runner.fit()
-    runner.close()
-    return {**result, "parameters": params} if runner.is_main else {}
+    return train_task(task, trainer, lambda params: (
+        f"lm {cfg.mixer} ({cfg.preset}): {params:,} parameters; corpus "
+        f"{task.corpus.name}: {task.corpus.train.numel():,} train bytes "
+        f"({task.corpus.train_documents} documents), {task.corpus.valid.numel():,} "
+        f"held out ({task.corpus.valid_documents}); out {trainer.out}"))
 
 
 def parse_option(text: str) -> tuple[str, Any]:

@@ -38,7 +38,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -134,6 +134,20 @@ def lr_factor(step: int, cfg: TrainerConfig) -> float:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (or ``model`` itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_task(task: Task, cfg: TrainerConfig, describe: Callable[[int], str]
+               ) -> dict[str, Any]:
+    """Train (or resume) ``task`` under ``cfg``, every recipe's entry: rank 0 first prints
+    ``describe(parameters)``; returns the trainer's summary plus ``parameters`` (the model's
+    count, shared tensors once), empty on other ranks."""
+    runner = Trainer(task, cfg)
+    params = sum(p.numel() for p in unwrap(runner.model).parameters())
+    if runner.is_main:
+        print(describe(params), flush=True)
+    result = runner.fit()
+    runner.close()
+    return {**result, "parameters": params} if runner.is_main else {}
 
 
 def read_metrics(out: str | os.PathLike) -> list[dict[str, Any]]:

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.vit import BACKBONES, PRESETS, build_backbone, num_parameters
+from ..models.vit import BACKBONES, PRESETS, build_backbone
 from ..tasks.fashion_mnist import ImageSampler, load_fashion_mnist
 from .arguments import add_trainer_arguments, trainer_config
-from .trainer import Trainer, TrainerConfig, unwrap
+from .trainer import TrainerConfig, train_task
 
 #: The trainer's settings for images: AdamW lr 1e-3 (betas 0.9, 0.999 and weight decay 0.05 as
 #: GroupMamba's recipe), 100 warm-up steps, cosine to 10 %, batches of 64 images, gradient
@@ -150,15 +150,10 @@ def train(cfg: VisionTaskConfig, trainer: TrainerConfig) -> dict[str, Any]:
     if not trainer.out:
         trainer = replace(trainer, out=default_out(cfg, trainer.seed))
     task = VisionTask(cfg, trainer.seed)
-    runner = Trainer(task, trainer)
-    params = num_parameters(unwrap(runner.model))
-    if runner.is_main:
-        print(f"vision {cfg.backbone} ({cfg.preset}): {params:,} parameters; "
-              f"{task.dataset.source}: {task.sampler.images.shape[0]:,} train images, "
-              f"{task.test[0].shape[0]:,} test images evaluated; out {trainer.out}", flush=True)
-    result = runner.fit()
-    runner.close()
-    return {**result, "parameters": params} if runner.is_main else {}
+    return train_task(task, trainer, lambda params: (
+        f"vision {cfg.backbone} ({cfg.preset}): {params:,} parameters; "
+        f"{task.dataset.source}: {task.sampler.images.shape[0]:,} train images, "
+        f"{task.test[0].shape[0]:,} test images evaluated; out {trainer.out}"))
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:

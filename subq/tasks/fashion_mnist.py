@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .batches import batch_rows
 from .packages import Download, debian_package_root
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -270,11 +271,5 @@ class ImageSampler:
         """Rows ``[start, start + count)`` (default: to the end) of step ``step``'s global
         batch of ``batch``: ``(images, labels)`` indexed from the tensors given, on their
         device."""
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
-        count = batch - start if count is None else count
-        if start < 0 or count < 1 or start + count > batch:
-            raise ValueError(f"start={start}, count={count} must select rows of a batch of "
-                             f"{batch}")
-        rows = self.indices(step, batch)[start:start + count]
+        rows = self.indices(step, batch)[batch_rows(batch, start, count)]
         return self.images[rows.to(self.images.device)], self.labels[rows.to(self.labels.device)]

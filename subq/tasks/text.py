@@ -34,6 +34,7 @@ from typing import ClassVar
 
 import torch
 
+from .batches import batch_rows
 from .packages import debian_package_root
 
 PYTHON_DOCS_PACKAGE = "python3.11-doc"
@@ -256,13 +257,8 @@ class WindowSampler:
         """Rows ``[start, start + count)`` (default: to the end) of step ``step``'s global
         batch of ``batch`` windows: ``(inputs, targets)`` int64 ``(count, seq_len)``, targets
         the inputs shifted by one byte."""
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
-        count = batch - start if count is None else count
-        if start < 0 or count < 1 or start + count > batch:
-            raise ValueError(f"start={start}, count={count} must select rows of a batch of "
-                             f"{batch}")
-        return _windows(self.data, self.offsets(step, batch)[start:start + count], self.seq_len)
+        rows = batch_rows(batch, start, count)
+        return _windows(self.data, self.offsets(step, batch)[rows], self.seq_len)
 
 
 def eval_windows(data: torch.Tensor, seq_len: int, max_windows: int
