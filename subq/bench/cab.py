@@ -54,3 +54,34 @@ def measured_crossover(lengths: Sequence[int], dense: Sequence[float],
         if m < d:
             return int(n)
     return None
+
+
+#: How far past the longest measured length an extrapolated efficiency length is reported.
+EXTRAPOLATION_FACTOR = 16
+
+
+def efficiency_text(lengths: Sequence[int], dense: Sequence[float],
+                    mechanism: Sequence[float], fitted: float | None) -> str:
+    """The efficiency length as a reader needs it, from the measured points and CAB's fit:
+
+    * ``"< L_min"`` when the mechanism is cheaper at every measured length;
+    * ``"N (measured M)"`` when it becomes cheaper within the measured lengths (N the fit's
+      root, M the first measured length where it is cheaper);
+    * ``"> L_max (extrapolated: N)"`` when it is dearer at every measured length and the fits
+      cross within ``EXTRAPOLATION_FACTOR`` x the longest length, ``"not within 16x L_max"``
+      when they cross beyond that, ``"never"`` when they do not cross.
+    """
+    if not lengths:
+        return "—"
+    cheaper = [m < d for d, m in zip(dense, mechanism, strict=True)]
+    if all(cheaper):
+        return f"< {min(lengths):,}"
+    crossover = measured_crossover(lengths, dense, mechanism)
+    if crossover is not None:
+        return f"{fitted:,.0f} (measured {crossover:,})" if fitted else f"{crossover:,}"
+    longest = max(lengths)
+    if fitted is None:
+        return "never"
+    if fitted <= EXTRAPOLATION_FACTOR * longest:
+        return f"> {longest:,} (extrapolated: {fitted:,.0f})"
+    return f"not within {EXTRAPOLATION_FACTOR}x {longest:,}"

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 
 from subq.registry import Pattern
 
-from .cab import efficiency_length, measured_crossover
+from .cab import (
+    EXTRAPOLATION_FACTOR,
+    efficiency_length,
+    efficiency_text,
+    measured_crossover,
+)
 
 BASELINES = ("dense", "vanilla")
 _METRICS = {"fwd_ms": "forward time (ms)", "fwd_bwd_ms": "forward+backward time (ms)",
@@ -59,6 +63,16 @@ def series(results: dict, method: str, pattern: str, key: str) -> list[tuple[int
     return out
 
 
+def efficiency_cell(results: dict, method: str, pattern: str, key: str,
+                    baseline: str = "dense") -> str:
+    """:func:`subq.bench.cab.efficiency_text` of ``method`` against ``baseline`` on ``key``."""
+    base = dict(series(results, baseline, pattern, key))
+    mine = dict(series(results, method, pattern, key))
+    common = sorted(set(base) & set(mine))
+    fitted, _ = efficiency(results, method, pattern, key, baseline)
+    return efficiency_text(common, [base[n] for n in common], [mine[n] for n in common], fitted)
+
+
 def efficiency(results: dict, method: str, pattern: str, key: str, baseline: str = "dense"
                ) -> tuple[float | None, int | None]:
     """CAB's efficiency length and the measured crossover of ``method`` against ``baseline``
@@ -94,10 +108,6 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     return lines
 
 
-def _fmt_length(x: float | None) -> str:
-    return "—" if x is None or not math.isfinite(x) else f"{x:,.0f}"
-
-
 def pattern_section(results: dict, pattern: str) -> list[str]:
     index, lengths = _index(results), _lengths(results)
     methods = _methods(results, pattern)
@@ -110,8 +120,10 @@ def pattern_section(results: dict, pattern: str) -> list[str]:
                for n in lengths]] for m in methods))
         lines.append("")
     lines += ["**CAB efficiency length** (forward; the length from which the method is "
-              "cheaper: quadratic fit of the baseline, line fit of the method, larger root; "
-              "measured crossover in brackets)", ""]
+              "cheaper: quadratic fit of the baseline, line fit of the method, larger root, "
+              "with the first measured length where it is cheaper; `< L` when it is cheaper "
+              "at every measured length, `> L` when it is at none, the fit's crossing shown "
+              f"only within {EXTRAPOLATION_FACTOR}x the longest length)", ""]
     rows = []
     for m in methods:
         if m in BASELINES:
@@ -119,8 +131,7 @@ def pattern_section(results: dict, pattern: str) -> list[str]:
         cells = [f"`{m}`", _source(results, m)]
         for baseline in BASELINES:
             for key in ("fwd_ms", "mem_fwd_mib"):
-                fitted, measured = efficiency(results, m, pattern, key, baseline)
-                cells.append(f"{_fmt_length(fitted)} ({_fmt_length(measured)})")
+                cells.append(efficiency_cell(results, m, pattern, key, baseline))
         rows.append(cells)
     lines += _table(["method", "source", "time vs dense", "memory vs dense", "time vs vanilla",
                      "memory vs vanilla"], rows)
