@@ -125,7 +125,9 @@ def render_markdown(results: dict[str, Any], image_prefix: str = "") -> str:
         f"unless stated, evaluation every {b['eval_every']} steps on "
         f"{b['eval_bytes']:,} held-out bytes at each length; corpus "
         f"{b['text'] or 'Python documentation (python3.11-doc)'}. Bits per byte (lower is "
-        "better), the mean over an entry's seeds; gap: the entry minus dense.", "",
+        "better), the mean over an entry's seeds; gap: the entry minus dense; wall: summed "
+        "over the seeds; tokens/s: median over the logged windows and the seeds, on whatever "
+        "else the machine ran at the time.", "",
         f"| mixer | parameters | held-out @ {n1} | @ {n2} | @ {n4} | gap @ {n1} | gap @ {n4} "
         "| train @ " + n1 + " | tokens/s | peak RSS (MiB) | wall (s) | seeds | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
