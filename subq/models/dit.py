@@ -62,6 +62,7 @@ from torch import nn
 
 from ..nn.dit import DiTBlock, SoftmaxAttention, modulate
 from ..nn.lit import LiTAttention
+from .counting import count_on_meta
 
 ATTENTIONS = ("softmax", "linear", "hierarchical_local")
 """The attention names a :class:`DiT` accepts."""
@@ -315,14 +316,9 @@ class DiT(nn.Module):
         return torch.cat([uncond + cfg_scale * (cond - uncond), rest[:batch]], dim=1)
 
 
-def num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def dit_parameters(cfg: DiTConfig) -> int:
     """The parameter count of ``DiT(cfg)`` (built on the meta device)."""
-    with torch.device("meta"):
-        return num_parameters(DiT(cfg))
+    return count_on_meta(lambda: DiT(cfg))
 
 
 class ParameterSplit(NamedTuple):

@@ -52,6 +52,7 @@ from ..nn.rpe import KernelizedRPEAttention
 from ..nn.scout import AttentionState, RopeAttention, ScoutBlock, SwiGLU
 from ..ops.masks import axial_sparse_mask, fixed_sparse_mask
 from ..ops.reference import masked_attention
+from .counting import num_parameters
 
 _MECHANISMS = tuple(m.name for m in registry.mechanisms()
                     if registry.Pattern.CAUSAL_SELF in m.patterns)
@@ -277,10 +278,6 @@ def _layers(config: LMConfig, mlp_hidden: int) -> nn.ModuleList:
                          for _ in range(config.n_layers))
 
 
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def _dense_hidden(config: LMConfig) -> int:
     return round(8 * config.d_model / 3) if config.mlp_hidden is None else config.mlp_hidden
 
@@ -297,8 +294,8 @@ def matched_mlp_hidden(config: LMConfig) -> int:
     if config.mixer == "dense":
         return hidden
     with torch.device("meta"):
-        target = _count(_layers(replace(config, mixer="dense", options={}), hidden))
-        probe = _count(_layers(config, 1))
+        target = num_parameters(_layers(replace(config, mixer="dense", options={}), hidden))
+        probe = num_parameters(_layers(config, 1))
     solved = 1 + round((target - probe) / (3 * config.d_model * config.n_layers))
     if solved < 1:
         raise ValueError(f"mixer {config.mixer!r} alone has more parameters than the dense LM "
@@ -360,7 +357,7 @@ class LM(nn.Module):
 
     def num_parameters(self) -> int:
         """Parameters, the tied embedding counted once."""
-        return _count(self)
+        return num_parameters(self)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.norm(x), self.embed.weight)

@@ -52,6 +52,7 @@ import subq
 
 from ..nn.dit import merge_heads, split_heads
 from ..nn.lit import LiTAttention
+from .counting import count_on_meta
 from .groupmamba import FFN, GroupMamba, init_weights
 
 IMAGE_SIZE = 28
@@ -78,10 +79,6 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
 """The ViT's fixed shape per preset; its width and MLP width are solved to match GroupMamba."""
 
 
-def num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def groupmamba_backbone(preset: str) -> GroupMamba:
     """GroupMamba at ``preset`` for one-channel 28 x 28 images, 10 classes, one head."""
     _check_preset(preset)
@@ -92,8 +89,7 @@ def groupmamba_backbone(preset: str) -> GroupMamba:
 @cache
 def groupmamba_parameters(preset: str) -> int:
     """The parameter count of :func:`groupmamba_backbone` (built once on the meta device)."""
-    with torch.device("meta"):
-        return num_parameters(groupmamba_backbone(preset))
+    return count_on_meta(lambda: groupmamba_backbone(preset))
 
 
 @dataclass(frozen=True)
@@ -221,8 +217,7 @@ class ViT(nn.Module):
 
 def vit_parameters(cfg: ViTConfig) -> int:
     """The parameter count of ``ViT(cfg)`` (built on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        return num_parameters(ViT(cfg))
+    return count_on_meta(lambda: ViT(cfg))
 
 
 def matched_vit_config(attention: str, target: int, *, depth: int, heads: int, patch: int,

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models.counting import num_parameters
 from .checkpoint import load_if_exists, save_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -142,7 +143,7 @@ def train_task(task: Task, cfg: TrainerConfig, describe: Callable[[int], str]
     ``describe(parameters)``; returns the trainer's summary plus ``parameters`` (the model's
     count, shared tensors once), empty on other ranks."""
     runner = Trainer(task, cfg)
-    params = sum(p.numel() for p in unwrap(runner.model).parameters())
+    params = num_parameters(unwrap(runner.model))
     if runner.is_main:
         print(describe(params), flush=True)
     result = runner.fit()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.vit import BACKBONES, PRESETS, build_backbone
+from ..tasks.batches import batch_rows
 from ..tasks.fashion_mnist import ImageSampler, load_fashion_mnist
 from .arguments import add_trainer_arguments, trainer_config
 from .trainer import TrainerConfig, train_task
@@ -117,7 +118,7 @@ class VisionTask:
         images, labels = self.sampler.batch(step, size)
         if self.cfg.augment:
             images = augment(images, self.seed, step)
-        rows = slice(start, start + count)
+        rows = batch_rows(size, start, count)
         return images[rows].to(device), labels[rows].to(device)
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from subq.models.counting import num_parameters
 from subq.models.vit import (
     ATTENTIONS,
     BACKBONES,
@@ -15,7 +16,6 @@ from subq.models.vit import (
     build_backbone,
     groupmamba_backbone,
     groupmamba_parameters,
-    num_parameters,
     vit_config,
     vit_parameters,
 )
