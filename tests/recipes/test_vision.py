@@ -5,39 +5,21 @@ augmentation."""
 
 from __future__ import annotations
 
-import gzip
-import struct
-
 import pytest
 import torch
 
 from subq.cli import main
 from subq.recipes.trainer import Trainer, TrainerConfig, read_metrics
 from subq.recipes.vision import PAD, VisionTask, VisionTaskConfig, augment
-from subq.tasks.fashion_mnist import IDX_FILES
+from tests.fashion_data import write_tiny_fashion_mnist
 
 N_TRAIN, N_TEST = 16, 8
-
-
-def _idx(values: torch.Tensor) -> bytes:
-    header = struct.pack(">HBB", 0, 0x08, values.dim())
-    header += struct.pack(f">{values.dim()}I", *values.shape)
-    return header + bytes(values.flatten().tolist())
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The four idx files of a tiny data set whose class sets the brightness of a block."""
-    folder = tmp_path_factory.mktemp("fashion")
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        labels = torch.arange(n, dtype=torch.uint8) % 10
-        images = torch.randint(0, 64, (n, 28, 28), generator=g, dtype=torch.uint8)
-        images[:, 8:20, 8:20] += (labels * 19).to(torch.uint8)[:, None, None]
-        for key, values in (("images", images), ("labels", labels)):
-            path = folder / f"{IDX_FILES[f'{split}_{key}']}.gz"
-            path.write_bytes(gzip.compress(_idx(values)))
-    return folder
+    return write_tiny_fashion_mnist(tmp_path_factory.mktemp("fashion"), N_TRAIN, N_TEST)
 
 
 def _args(data, out, backbone, *extra):
