@@ -36,6 +36,10 @@ then 4, 2, 1) and one 10-class head. The distillation objective (a teacher and t
 head) is not implemented yet, so the backbone is built without ``dist_head``.
 Presets (:data:`GROUPMAMBA_PRESETS`): ``micro`` is the spec's CPU configuration (dims
 32/64/128/160, depths 1/1/2/1, 1.21 M parameters here); ``tiny`` a much smaller one for tests.
+
+``cnn``: :class:`subq.models.cnn.FeatureCNN`, a small plain CNN classifier (the feature
+network of FID-FMNIST and the teacher candidate of GroupMamba's distillation); it is NOT sized
+to GroupMamba's parameter count (micro: 468,010 parameters).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ import subq
 
 from ..nn.dit import merge_heads, split_heads
 from ..nn.lit import LiTAttention
+from .cnn import cnn_backbone
 from .counting import count_on_meta
 from .groupmamba import FFN, GroupMamba, init_weights
 
@@ -61,7 +66,8 @@ NUM_CLASSES = 10
 
 ATTENTIONS = ("dense", "linear", "combiner", "hierarchical_local", "local")
 """The mechanisms a ViT backbone can use (``vit-<name>``)."""
-BACKBONES = ("groupmamba", *(f"vit-{name}" for name in ATTENTIONS))
+# ``cnn`` is not parameter-matched to GroupMamba (the ViTs are); see subq/models/cnn.py.
+BACKBONES = ("groupmamba", *(f"vit-{name}" for name in ATTENTIONS), "cnn")
 PRESETS = ("tiny", "micro")
 
 GROUPMAMBA_PRESETS: dict[str, dict[str, Any]] = {
@@ -253,11 +259,15 @@ def vit_config(preset: str, attention: str, **kwargs: Any) -> ViTConfig:
 
 
 def build_backbone(name: str, preset: str) -> nn.Module:
-    """``groupmamba`` or ``vit-<attention>`` at ``preset`` (see :data:`BACKBONES`)."""
+    """``groupmamba``, ``vit-<attention>`` or ``cnn`` (not parameter-matched) at ``preset``
+    (see :data:`BACKBONES`)."""
     if name == "groupmamba":
         return groupmamba_backbone(preset)
     if name.startswith("vit-") and name[4:] in ATTENTIONS:
         return ViT(vit_config(preset, name[4:]))
+    if name == "cnn":
+        _check_preset(preset)
+        return cnn_backbone(preset)
     raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}; got {name!r}")
 
 

@@ -4,7 +4,10 @@
 Backbones (:mod:`subq.models.vit`): ``groupmamba`` (GroupMamba, Shaker et al. 2024, fitted to
 28 x 28 single-channel images) and ``vit-<attention>`` (a ViT, Dosovitskiy et al. 2021, whose
 self attention is ``dense``, ``linear``, ``combiner``, ``hierarchical_local`` or ``local``),
-the ViT sized to GroupMamba's parameter count at the same preset.
+the ViT sized to GroupMamba's parameter count at the same preset, and ``cnn`` (a small plain
+CNN classifier, :class:`subq.models.cnn.FeatureCNN`, NOT parameter-matched: the feature network
+of FID-FMNIST, :mod:`subq.recipes.frechet`, trained with
+``subq train vision --backbone cnn --preset micro``).
 
 The loss is the mean cross-entropy of the 10-class logits. GroupMamba's distillation objective
 (a teacher's hard labels on a second head) is not implemented yet: every backbone trains on the
@@ -19,7 +22,6 @@ split (its first ``eval_images`` images, all 10,000 by default).
 from __future__ import annotations
 
 import argparse
-import hashlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.vit import BACKBONES, PRESETS, build_backbone
-from ..tasks.batches import batch_rows
+from ..tasks.batches import batch_rows, seeded_generator
 from ..tasks.fashion_mnist import ImageSampler, load_fashion_mnist
 from .arguments import add_trainer_arguments, trainer_config
 from .trainer import TrainerConfig, train_task
@@ -62,11 +64,6 @@ class VisionTaskConfig:
     augment: bool = True
 
 
-def _generator(seed: int, step: int) -> torch.Generator:
-    digest = hashlib.blake2b(f"{seed}:augment:{step}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-
-
 def augment(images: torch.Tensor, seed: int, step: int, background: float = -1.0
             ) -> torch.Tensor:
     """Step ``step``'s augmentation of its global batch ``images (B, C, H, W)``: a crop of the
@@ -74,7 +71,7 @@ def augment(images: torch.Tensor, seed: int, step: int, background: float = -1.0
     ``0..2 PAD`` per image and axis, then a left-right flip of each image with probability 1/2;
     all drawn from a generator seeded by ``(seed, step)``."""
     batch, _, height, width = images.shape
-    g = _generator(seed, step)
+    g = seeded_generator(seed, "augment", step)
     dy, dx = torch.randint(0, 2 * PAD + 1, (2, batch), generator=g)
     flip = torch.rand(batch, generator=g) < 0.5
     padded = F.pad(images, (PAD, PAD, PAD, PAD), value=background)
@@ -164,7 +161,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p = train_subparsers(subparsers).add_parser(
         "vision", help="Fashion-MNIST classification: GroupMamba or a ViT with any attention")
     defaults = VisionTaskConfig()
-    p.add_argument("--backbone", choices=BACKBONES, default=defaults.backbone)
+    p.add_argument("--backbone", choices=BACKBONES, default=defaults.backbone,
+                   help="groupmamba, a ViT (vit-<attention>, parameter-matched to groupmamba) "
+                        "or cnn (FID-FMNIST's feature network, not parameter-matched)")
     p.add_argument("--preset", choices=PRESETS, default=defaults.preset)
     p.add_argument("--data", default=None,
                    help="a folder of the four Fashion-MNIST idx files (default: the Debian "

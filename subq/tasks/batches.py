@@ -4,6 +4,10 @@ or on gradient accumulation."""
 
 from __future__ import annotations
 
+import hashlib
+
+import torch
+
 
 def batch_rows(batch: int, start: int = 0, count: int | None = None) -> slice:
     """Rows ``[start, start + count)`` (``count=None``: to the end) of a global batch of
@@ -14,3 +18,11 @@ def batch_rows(batch: int, start: int = 0, count: int | None = None) -> slice:
     if start < 0 or count < 1 or start + count > batch:
         raise ValueError(f"start={start}, count={count} must select rows of a batch of {batch}")
     return slice(start, start + count)
+
+
+def seeded_generator(*keys: object) -> torch.Generator:
+    """A CPU generator seeded by a hash of ``keys`` (e.g. ``(seed, "augment", step)``), so a
+    draw is a function of those keys alone and distinct keys give unrelated streams."""
+    text = ":".join(str(key) for key in keys)
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)

@@ -26,14 +26,13 @@ batch of a step as a function of ``(seed, step)`` alone, so a resumed run sees t
 from __future__ import annotations
 
 import gzip
-import hashlib
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .batches import batch_rows
+from .batches import batch_rows, seeded_generator
 from .packages import Download, debian_package_root
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -221,11 +220,6 @@ def load_fashion_mnist(data: str | Path | None = None, *, fetch: bool = True,
     return read_fashion_mnist(folder, source=f"{FASHION_MNIST_PACKAGE} ({folder})")
 
 
-def _generator(seed: int, epoch: int) -> torch.Generator:
-    digest = hashlib.blake2b(f"{seed}:epoch:{epoch}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-
-
 class ImageSampler:
     """Training batches of ``(images, labels)`` rows, stateless per step.
 
@@ -250,7 +244,8 @@ class ImageSampler:
         """The row order ``(N,)`` of epoch ``epoch`` (the last one is kept for reuse)."""
         if self._epoch is None or self._epoch[0] != epoch:
             n = self.images.shape[0]
-            self._epoch = (epoch, torch.randperm(n, generator=_generator(self.seed, epoch)))
+            order = torch.randperm(n, generator=seeded_generator(self.seed, "epoch", epoch))
+            self._epoch = (epoch, order)
         return self._epoch[1]
 
     def indices(self, step: int, batch: int) -> torch.Tensor:

@@ -23,7 +23,6 @@ one valid window is ``inputs = [121, 111]``, ``targets = [111, 33]``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import warnings
@@ -34,7 +33,7 @@ from typing import ClassVar
 
 import torch
 
-from .batches import batch_rows
+from .batches import batch_rows, seeded_generator
 from .packages import debian_package_root
 
 PYTHON_DOCS_PACKAGE = "python3.11-doc"
@@ -248,8 +247,7 @@ class WindowSampler:
 
     def offsets(self, step: int, batch: int) -> torch.Tensor:
         """The ``batch`` window offsets ``(batch,)`` of step ``step``."""
-        digest = hashlib.blake2b(f"{self.seed}:{step}".encode(), digest_size=8).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        gen = seeded_generator(self.seed, step)
         return torch.randint(0, self.data.numel() - self.seq_len, (batch,), generator=gen)
 
     def batch(self, step: int, batch: int, *, start: int = 0, count: int | None = None
