@@ -58,6 +58,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "subq.recipes.recall",
     "subq.recipes.lm",
     "subq.recipes.vision",
+    "subq.recipes.dit",
+    "subq.recipes.sample_dit",
 )
 
 

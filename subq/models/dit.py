@@ -44,7 +44,10 @@ Presets (:data:`DIT_PRESETS`; counts measured for softmax attention, ``learn_sig
 
 * ``tiny`` (tests): hidden 48, depth 2, heads 4, patch 2, frequency dim 64: 95,720 parameters
   (``linear``: 96,344; ``linear`` with 2 attention heads: 96,968);
-* ``small`` (experiments): hidden 192, depth 6, heads 6, patch 2, frequency dim 256:
+* ``mini`` (the CPU experiments of ``docs/diffusion.md``): hidden 96, depth 4, heads 4, patch
+  4 (49 tokens), frequency dim 128: 715,424 parameters (``linear`` with 2 attention heads:
+  720,416);
+* ``small``: hidden 192, depth 6, heads 6, patch 2, frequency dim 256:
   4,163,720 parameters (``linear``: 4,168,712; with 2 attention heads: 4,178,696).
 
 ``hierarchical_local`` has the softmax counts (same ``qkv`` and ``proj``). The fixed positional
@@ -69,6 +72,7 @@ ATTENTIONS = ("softmax", "linear", "hierarchical_local")
 
 DIT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=48, depth=2, heads=4, frequency_dim=64),
+    "mini": dict(hidden=96, depth=4, heads=4, frequency_dim=128, patch_size=4),
     "small": dict(hidden=192, depth=6, heads=6, frequency_dim=256),
 }
 """DiT sizes for 28 x 28 x 1 images (see the module docstring for their parameter counts)."""
@@ -108,7 +112,7 @@ class DiTConfig:
 
 
 def dit_config(preset: str, **kwargs: Any) -> DiTConfig:
-    """The :class:`DiTConfig` of ``preset`` (``tiny`` or ``small``), fields overridden by
+    """The :class:`DiTConfig` of ``preset`` (``tiny``, ``mini`` or ``small``), fields overridden by
     ``kwargs``."""
     if preset not in DIT_PRESETS:
         raise ValueError(f"preset must be one of {', '.join(DIT_PRESETS)}; got {preset!r}")

@@ -58,9 +58,10 @@ VLB_LAMBDA = 1e-3
 
 def linear_betas(steps: int) -> torch.Tensor:
     """IDDPM's linear schedule: ``linspace(1e-4 s, 0.02 s, steps)`` with ``s = 1000 / steps``
-    (float64)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    (float64), for ``steps > 20``."""
+    if steps <= 20:
+        raise ValueError(f"the linear schedule needs steps > 20 (its last beta, 20 / steps, "
+                         f"must stay below 1), got {steps}")
     scale = 1000.0 / steps
     return torch.linspace(1e-4 * scale, 0.02 * scale, steps, dtype=torch.float64)
 
@@ -119,8 +120,8 @@ class GaussianDiffusion:
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.dim() != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got {tuple(betas.shape)}")
-        if not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError("betas must lie in (0, 1]")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must lie in (0, 1)")
         self.betas, self.learn_sigma = betas, learn_sigma
         self.num_timesteps = betas.numel()
         self.timestep_map = (torch.arange(self.num_timesteps) if timestep_map is None

@@ -113,6 +113,8 @@ def test_preset_parameter_counts_as_documented():
     assert dit_parameters(dit_config("tiny")) == 95_720
     assert dit_parameters(dit_config("tiny", attention="linear")) == 96_344
     assert dit_parameters(dit_config("tiny", attention="linear", attention_heads=2)) == 96_968
+    assert dit_parameters(dit_config("mini")) == 715_424
+    assert dit_parameters(dit_config("mini", attention="linear", attention_heads=2)) == 720_416
     assert dit_parameters(dit_config("small")) == 4_163_720
     assert dit_parameters(dit_config("small", attention="linear")) == 4_168_712
     assert dit_parameters(dit_config("small", attention="linear", attention_heads=2)) == 4_178_696

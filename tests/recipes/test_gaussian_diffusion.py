@@ -175,7 +175,9 @@ def test_bad_arguments_are_named(diffusion):
     with pytest.raises(ValueError, match="sampler"):
         sample(diffusion, lambda x, t: x, (1, 1, 2, 2), seed=0, sampler="euler")
     with pytest.raises(ValueError, match="betas"):
-        GaussianDiffusion(torch.tensor([0.0, 0.1]))
+        GaussianDiffusion(torch.tensor([0.1, 1.0]))
+    with pytest.raises(ValueError, match="steps > 20"):
+        linear_betas(20)
 
 
 def test_guidance_scale_one_is_the_conditional_model():
