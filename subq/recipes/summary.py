@@ -19,7 +19,7 @@ def summarise(run: str | Path) -> dict[str, Any]:
     last evaluated step (``latest``)."""
     run = Path(run)
     metrics = read_metrics(run)
-    losses = [m for m in metrics if "loss" in m]
+    losses = [m for m in metrics if "loss" in m and "split" not in m]
     evals = [m for m in metrics if "split" in m]
     saved = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False)
     last = max((e["step"] for e in evals), default=0)

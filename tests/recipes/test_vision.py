@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from subq.cli import main
+from subq.recipes.summary import summarise
 from subq.recipes.trainer import Trainer, TrainerConfig, read_metrics
 from subq.recipes.vision import PAD, VisionTask, VisionTaskConfig, augment
 from tests.fashion_data import write_tiny_fashion_mnist
@@ -44,6 +45,9 @@ def test_three_steps_log_losses_and_test_accuracy(data, tmp_path, capsys, backbo
     assert test["step"] == 3 and test["images"] == N_TEST
     assert 0.0 <= test["accuracy"] <= 1.0 and test["loss"] > 0
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+    summary = summarise(tmp_path / "run")  # evaluation entries (with a loss) are not training
+    assert [step for step, _ in summary["loss"]] == [1, 2, 3]
+    assert summary["latest"] == [test] and summary["median_tokens_per_s"] > 0
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(data, tmp_path):
