@@ -32,8 +32,8 @@ the same preset (within a fraction of a percent), at the preset's fixed depth, h
 GroupMamba (Shaker et al. 2024, "GroupMamba: Parameter-Efficient and Accurate Group Visual
 State Space Model", arXiv:2407.13772; :class:`subq.models.groupmamba.GroupMamba`): the released
 four-stage network with a one-channel stem (Conv7x7/2 ... Conv3x3/2: 28 -> 7 tokens a side,
-then 4, 2, 1) and one 10-class head. The distillation objective (a teacher and the second
-head) is not implemented yet, so the backbone is built without ``dist_head``.
+then 4, 2, 1) and one 10-class head, plus the distillation head ``dist_head`` when it trains
+with a teacher (``build_backbone(..., distillation=True)``; :mod:`subq.recipes.vision`).
 Presets (:data:`GROUPMAMBA_PRESETS`): ``micro`` is the spec's CPU configuration (dims
 32/64/128/160, depths 1/1/2/1, 1.21 M parameters here); ``tiny`` a much smaller one for tests.
 
@@ -85,10 +85,11 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
 """The ViT's fixed shape per preset; its width and MLP width are solved to match GroupMamba."""
 
 
-def groupmamba_backbone(preset: str) -> GroupMamba:
-    """GroupMamba at ``preset`` for one-channel 28 x 28 images, 10 classes, one head."""
+def groupmamba_backbone(preset: str, distillation: bool = False) -> GroupMamba:
+    """GroupMamba at ``preset`` for one-channel 28 x 28 images, 10 classes, one head (and the
+    distillation head ``dist_head`` with ``distillation``)."""
     _check_preset(preset)
-    return GroupMamba(in_chans=IN_CHANS, num_classes=NUM_CLASSES, distillation=False,
+    return GroupMamba(in_chans=IN_CHANS, num_classes=NUM_CLASSES, distillation=distillation,
                       **GROUPMAMBA_PRESETS[preset])
 
 
@@ -258,17 +259,27 @@ def vit_config(preset: str, attention: str, **kwargs: Any) -> ViTConfig:
                               **{**VIT_PRESETS[preset], **kwargs})
 
 
-def build_backbone(name: str, preset: str) -> nn.Module:
+def build_backbone(name: str, preset: str, distillation: bool = False) -> nn.Module:
     """``groupmamba``, ``vit-<attention>`` or ``cnn`` (not parameter-matched) at ``preset``
-    (see :data:`BACKBONES`)."""
+    (see :data:`BACKBONES`); ``distillation`` adds GroupMamba's second head (GroupMamba
+    only)."""
+    if distillation:
+        check_distillable(name)
     if name == "groupmamba":
-        return groupmamba_backbone(preset)
+        return groupmamba_backbone(preset, distillation)
     if name.startswith("vit-") and name[4:] in ATTENTIONS:
         return ViT(vit_config(preset, name[4:]))
     if name == "cnn":
         _check_preset(preset)
         return cnn_backbone(preset)
     raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}; got {name!r}")
+
+
+def check_distillable(name: str) -> None:
+    """``ValueError`` unless backbone ``name`` has a distillation head (GroupMamba only)."""
+    if name != "groupmamba":
+        raise ValueError(f"distillation (a teacher) takes backbone 'groupmamba', whose second "
+                         f"head learns the teacher's labels; got {name!r}")
 
 
 def _check_preset(preset: str) -> None:

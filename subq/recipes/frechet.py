@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..models.cnn import FeatureCNN
-from ..models.vit import build_backbone
-from .trainer import CHECKPOINT
 
 TRAIN_HINT = "train one with `subq train vision --backbone cnn --preset micro`"
 
@@ -130,24 +127,10 @@ def load_feature_classifier(checkpoint_path: str | os.PathLike,
     ``FileNotFoundError`` when there is no such file, ``ValueError`` when it is not a vision
     checkpoint or its backbone is not ``cnn``; both say how to train one.
     """
-    path = Path(checkpoint_path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no classifier checkpoint at {path}; FID-FMNIST needs the "
-                                f"cnn backbone's checkpoint.pt: {TRAIN_HINT}")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    task = saved.get("config", {}).get("task", {}) if isinstance(saved, dict) else {}
-    if "backbone" not in task or "preset" not in task or "model" not in saved:
-        raise ValueError(f"{path} is not a `subq train vision` checkpoint (no model state or "
-                         f"no task backbone/preset); {TRAIN_HINT}")
-    if task["backbone"] != "cnn":
-        raise ValueError(f"{path} holds the backbone {task['backbone']!r}, but FID-FMNIST needs "
-                         f"'cnn'; {TRAIN_HINT}")
-    model = build_backbone("cnn", task["preset"])
-    model.load_state_dict(saved["model"])
+    from .vision import load_vision_model
+
     target = torch.device(torch.get_default_device() if device is None else device)
-    return model.to(target).eval()
+    return load_vision_model(checkpoint_path, target, backbone="cnn", hint=TRAIN_HINT)
 
 
 def fid_fmnist(classifier: FeatureCNN, images: torch.Tensor,

@@ -9,9 +9,15 @@ CNN classifier, :class:`subq.models.cnn.FeatureCNN`, NOT parameter-matched: the 
 of FID-FMNIST, :mod:`subq.recipes.frechet`, trained with
 ``subq train vision --backbone cnn --preset micro``).
 
-The loss is the mean cross-entropy of the 10-class logits. GroupMamba's distillation objective
-(a teacher's hard labels on a second head) is not implemented yet: every backbone trains on the
-labels alone. Augmentation: each training image is padded by 2 pixels of background and
+The loss is the mean cross-entropy of the 10-class logits. With ``--teacher RUN`` (a trained
+vision run, e.g. the ``cnn``), GroupMamba trains with its paper's DeiT-style hard distillation
+(spec ``groupmamba.md`` section 3.3): a second head ``dist_head`` learns the teacher's labels
+on the same augmented images,
+
+    loss = (1 - alpha) CE(head(x), y) + alpha CE(dist_head(x), argmax teacher(x)),  alpha = 0.5,
+
+and the evaluation scores the mean of the two heads' logits (GroupMamba's inference).
+Augmentation: each training image is padded by 2 pixels of background and
 cropped back to 28 x 28 at a random offset, then flipped left-right with probability 1/2; the
 offsets and flips of step ``s``'s global batch are drawn from a generator seeded by
 ``(seed, s)`` alone, so batches (and the trainer's exact resume) do not depend on anything
@@ -30,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.vit import BACKBONES, PRESETS, build_backbone
+from ..models.vit import BACKBONES, PRESETS, build_backbone, check_distillable
 from ..tasks.batches import batch_rows, seeded_generator
 from ..tasks.fashion_mnist import ImageSampler, load_fashion_mnist
 from .arguments import add_trainer_arguments, trainer_config
-from .trainer import TrainerConfig, train_task
+from .trainer import CHECKPOINT, TrainerConfig, train_task
 
 #: The trainer's settings for images: AdamW lr 1e-3 (betas 0.9, 0.999 and weight decay 0.05 as
 #: GroupMamba's recipe), 100 warm-up steps, cosine to 10 %, batches of 64 images, gradient
@@ -45,6 +51,8 @@ TRAINER_DEFAULTS = TrainerConfig(out="", steps=2000, batch=64, lr=1e-3, min_lr_r
 
 PAD = 2
 """Pixels of background padding before the random crop."""
+DISTILL_ALPHA = 0.5
+"""GroupMamba's (DeiT's) weight of the distillation head's loss."""
 
 
 @dataclass
@@ -53,12 +61,16 @@ class VisionTaskConfig:
 
     ``data``: a folder of the four Fashion-MNIST idx files (default: the Debian package);
     ``eval_images``: test images scored per evaluation (0: the whole test split);
-    ``augment``: random crop (2-pixel padding) and horizontal flip of training images.
+    ``augment``: random crop (2-pixel padding) and horizontal flip of training images;
+    ``teacher``: a ``subq train vision`` run whose hard labels GroupMamba's second head learns,
+    with weight ``distill_alpha``.
     """
 
     backbone: str = "groupmamba"
     preset: str = "tiny"
     data: str | None = None
+    teacher: str | None = None
+    distill_alpha: float = DISTILL_ALPHA
     eval_images: int = 0
     eval_batch: int = 256
     augment: bool = True
@@ -92,6 +104,8 @@ class VisionTask:
                              f"{cfg.backbone!r}")
         if cfg.preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {cfg.preset!r}")
+        if not 0.0 <= cfg.distill_alpha <= 1.0:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {cfg.distill_alpha}")
         if cfg.eval_images < 0 or cfg.eval_batch < 1:
             raise ValueError(f"need eval_images >= 0 and eval_batch >= 1, got "
                              f"{cfg.eval_images} and {cfg.eval_batch}")
@@ -102,13 +116,18 @@ class VisionTask:
         test_images, test_labels = self.dataset.as_tensors("test")
         count = cfg.eval_images or test_images.shape[0]
         self.test = test_images[:count], test_labels[:count]
+        self.teacher = None
+        if cfg.teacher is not None:
+            check_distillable(cfg.backbone)
+            self.teacher = load_vision_model(cfg.teacher).requires_grad_(False)
 
     def config(self) -> dict[str, Any]:
         return {**asdict(self.cfg), "dataset": self.dataset.source,
                 "train_images": self.sampler.images.shape[0]}
 
     def build_model(self) -> nn.Module:
-        return build_backbone(self.cfg.backbone, self.cfg.preset)
+        return build_backbone(self.cfg.backbone, self.cfg.preset,
+                              distillation=self.teacher is not None)
 
     def batch(self, step: int, size: int, start: int, count: int,
               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +140,14 @@ class VisionTask:
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
              ) -> tuple[torch.Tensor, int]:
         images, labels = batch
-        return F.cross_entropy(model(images).float(), labels), images.shape[0]
+        if self.teacher is None:
+            return F.cross_entropy(model(images).float(), labels), images.shape[0]
+        teacher = self.teacher.to(images.device)
+        with torch.no_grad():
+            teacher_labels = teacher(images).argmax(dim=-1)
+        logits, dist_logits = model(images)
+        return hard_distillation_loss(logits, dist_logits, labels, teacher_labels,
+                                      self.cfg.distill_alpha), images.shape[0]
 
     def evaluate(self, model: nn.Module) -> list[dict[str, Any]]:
         device = next(model.parameters()).device
@@ -136,6 +162,40 @@ class VisionTask:
         count = max(1, images.shape[0])
         return [{"split": "test", "images": images.shape[0], "accuracy": correct / count,
                  "loss": total / count}]
+
+
+def hard_distillation_loss(logits: torch.Tensor, dist_logits: torch.Tensor,
+                           labels: torch.Tensor, teacher_labels: torch.Tensor,
+                           alpha: float = DISTILL_ALPHA) -> torch.Tensor:
+    """DeiT's hard distillation, GroupMamba's objective: ``(1 - alpha) CE(logits, labels) +
+    alpha CE(dist_logits, teacher_labels)`` (means over the batch)."""
+    return ((1 - alpha) * F.cross_entropy(logits.float(), labels)
+            + alpha * F.cross_entropy(dist_logits.float(), teacher_labels))
+
+
+def load_vision_model(checkpoint: str | Path, device: torch.device | str | None = None, *,
+                      backbone: str | None = None, hint: str = "") -> nn.Module:
+    """The trained backbone of a ``subq train vision`` run (``OUT`` or ``OUT/checkpoint.pt``),
+    in eval mode on ``device`` (default: the CPU). ``backbone``: the name it must have.
+    ``FileNotFoundError`` / ``ValueError`` (ending with ``hint``, e.g. how to train one) when
+    there is no such file, it is not a vision checkpoint or holds another backbone."""
+    path = Path(checkpoint)
+    path = path / CHECKPOINT if path.is_dir() else path
+    hint = "; " + (hint or "train one with `subq train vision --backbone NAME --out DIR`")
+    if not path.is_file():
+        raise FileNotFoundError(f"no vision checkpoint at {path}{hint}")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    task = saved.get("config", {}).get("task", {}) if isinstance(saved, dict) else {}
+    if "backbone" not in task or "preset" not in task or "model" not in saved:
+        raise ValueError(f"{path} is not a `subq train vision` checkpoint (no model state or "
+                         f"no task backbone/preset){hint}")
+    if backbone is not None and task["backbone"] != backbone:
+        raise ValueError(f"{path} holds the backbone {task['backbone']!r}, but {backbone!r} is "
+                         f"needed{hint}")
+    model = build_backbone(task["backbone"], task["preset"],
+                           distillation=task.get("teacher") is not None)
+    model.load_state_dict(saved["model"])
+    return model.to(device or "cpu").eval()
 
 
 def default_out(cfg: VisionTaskConfig, seed: int) -> str:
@@ -168,6 +228,10 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None,
                    help="a folder of the four Fashion-MNIST idx files (default: the Debian "
                         "package dataset-fashion-mnist)")
+    p.add_argument("--teacher", default=None,
+                   help="a trained `subq train vision` run (e.g. the cnn): GroupMamba's hard "
+                        "distillation on a second head")
+    p.add_argument("--distill-alpha", type=float, default=defaults.distill_alpha)
     p.add_argument("--eval-images", type=int, default=defaults.eval_images,
                    help="test images per evaluation (0 = all)")
     p.add_argument("--eval-batch", type=int, default=defaults.eval_batch)
@@ -180,6 +244,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = VisionTaskConfig(backbone=args.backbone, preset=args.preset, data=args.data,
+                           teacher=args.teacher, distill_alpha=args.distill_alpha,
                            eval_images=args.eval_images, eval_batch=args.eval_batch,
                            augment=args.augment)
     result = train(cfg, trainer_config(args))

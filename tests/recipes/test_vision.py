@@ -11,7 +11,14 @@ import torch
 from subq.cli import main
 from subq.recipes.summary import summarise
 from subq.recipes.trainer import Trainer, TrainerConfig, read_metrics
-from subq.recipes.vision import PAD, VisionTask, VisionTaskConfig, augment
+from subq.recipes.vision import (
+    PAD,
+    VisionTask,
+    VisionTaskConfig,
+    augment,
+    hard_distillation_loss,
+    load_vision_model,
+)
 from tests.fashion_data import write_tiny_fashion_mnist
 
 N_TRAIN, N_TEST = 16, 8
@@ -90,3 +97,52 @@ def test_augmentation_is_a_seeded_padded_crop_and_flip():
 def test_unknown_backbone_is_refused(data, tmp_path):
     with pytest.raises(SystemExit):
         main(_args(data, tmp_path / "x", "vit-nope", "--steps", "1"))
+
+
+def test_hard_distillation_loss_on_a_hand_computed_example():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    dist = torch.tensor([[0.0, 3.0], [1.0, 1.0]])
+    labels, teacher = torch.tensor([0, 0]), torch.tensor([1, 0])
+
+    def ce(row, k):  # -log softmax(row)[k]
+        return float(torch.logsumexp(row, 0) - row[k])
+
+    expected = (0.7 * (ce(logits[0], 0) + ce(logits[1], 0)) / 2
+                + 0.3 * (ce(dist[0], 1) + ce(dist[1], 0)) / 2)
+    loss = hard_distillation_loss(logits, dist, labels, teacher, alpha=0.3)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_groupmamba_distils_a_teacher_on_its_second_head(data, tmp_path):
+    teacher = tmp_path / "cnn"
+    assert main(_args(data, teacher, "cnn", "--steps", "2")) == 0
+    out = tmp_path / "student"
+    assert main(_args(data, out, "groupmamba", "--steps", "2", "--teacher", str(teacher))) == 0
+    (test,) = [m for m in read_metrics(out) if m.get("split") == "test"]
+    assert 0.0 <= test["accuracy"] <= 1.0
+    model = load_vision_model(out)
+    assert model.dist_head is not None
+    images = torch.rand(3, 1, 28, 28) * 2 - 1
+    features = model.forward_features(images)
+    mean = (model.head(features) + model.dist_head(features)) / 2
+    torch.testing.assert_close(model(images), mean)  # inference: the mean of the heads
+    # The loss the trainer optimised: CE on the labels and on the teacher's argmax.
+    task = VisionTask(VisionTaskConfig(backbone="groupmamba", data=str(data),
+                                       teacher=str(teacher)), seed=0)
+    batch = task.batch(0, 4, 0, 4, torch.device("cpu"))
+    model.train()
+    torch.manual_seed(0)
+    loss, _ = task.loss(model, batch)
+    torch.manual_seed(0)
+    head, dist = model(batch[0])
+    targets = load_vision_model(teacher)(batch[0]).argmax(-1)
+    torch.testing.assert_close(loss, hard_distillation_loss(head, dist, batch[1], targets))
+
+
+def test_distillation_needs_groupmamba_and_a_vision_checkpoint(data, tmp_path):
+    with pytest.raises(ValueError, match="groupmamba"):
+        VisionTask(VisionTaskConfig(backbone="vit-dense", data=str(data),
+                                    teacher=str(tmp_path)), seed=0)
+    with pytest.raises(FileNotFoundError, match="subq train vision"):
+        VisionTask(VisionTaskConfig(backbone="groupmamba", data=str(data),
+                                    teacher=str(tmp_path / "none")), seed=0)
