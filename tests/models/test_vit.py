@@ -71,3 +71,24 @@ def test_bad_names_are_refused():
         build_backbone("groupmamba", "huge")
     with pytest.raises(ValueError, match="attention must be one of"):
         ViT(ViTConfig(attention="nope"))
+
+
+def test_padding_is_background_before_the_patches():
+    """``pad`` frames the image in -1 (the normalised black): the same as a ViT of the padded
+    side fed the padded image."""
+    torch.manual_seed(0)
+    padded = ViT(ViTConfig(attention="dense", patch=4, pad=2))
+    plain = ViT(ViTConfig(attention="dense", patch=4, image=32))
+    plain.load_state_dict(padded.state_dict())
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    framed = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+    torch.testing.assert_close(padded(x), plain(framed))
+    assert padded.cfg.grid == 8
+    assert not torch.allclose(padded(x), plain(torch.nn.functional.pad(x, (2, 2, 2, 2))))
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_micro_vits_run_on_an_even_grid(attention):
+    cfg = vit_config("micro", attention)
+    assert cfg.grid == 8 and cfg.grid % 2 == 0  # hierarchical_local pools 2 x 2
+    assert ViT(cfg)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
