@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..recipes.checkpoint import evaluated_weights
 from ..recipes.lm import LMTask, LMTaskConfig, parse_option
 from ..recipes.trainer import CHECKPOINT, METRICS, save_lines_atomic
 from .efficacy import TRANSPLANT
@@ -35,7 +36,7 @@ def transplant(source: Path, mixer: str, options: dict, out: Path) -> list[dict]
                                    extrapolate=tuple(task_cfg.extrapolate))
     task = LMTask(task_cfg, saved["config"]["trainer"]["seed"])
     model = task.build_model()
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(evaluated_weights(saved))
     model.eval()
     with torch.no_grad():
         evals = [{"step": saved["step"], **e} for e in task.evaluate(model)]

@@ -18,6 +18,7 @@ _HELP = {
     "warmup": "linear warm-up steps",
     "decay_all": "weight decay on every parameter, not only on matrices",
     "grad_clip": "clip the gradient's global 2-norm (0 = off)",
+    "ema": "decay of the weights' moving average that evaluations score (0 = off)",
     "bf16": "bfloat16 autocast",
     "eval_every": "evaluate every K steps (0 = at the end only)",
     "checkpoint_every": "checkpoint every K steps (0 = at the end only)",

@@ -34,3 +34,9 @@ def load_if_exists(path: str | os.PathLike, map_location: Any = "cpu") -> Any | 
     if not path.exists():
         return None
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def evaluated_weights(saved: dict[str, Any]) -> dict[str, Any]:
+    """The state dict a trained run's evaluations scored: the weights' moving average when
+    the run kept one (``ema``), else the weights."""
+    return saved["ema"] if "ema" in saved else saved["model"]

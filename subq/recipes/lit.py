@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from ..models.dit import DiT, DiTConfig, shared_parameter_names
+from .checkpoint import evaluated_weights
 from .gaussian_diffusion import GaussianDiffusion, mean_flat
 from .trainer import CHECKPOINT
 
@@ -63,7 +64,7 @@ def load_dit(checkpoint: str | os.PathLike, device: torch.device | str | None = 
     if not isinstance(model_config, dict):
         raise ValueError(f"{path} is not a `subq train dit` checkpoint (no task.model config)")
     model = DiT(DiTConfig(**model_config))
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(evaluated_weights(saved))
     return model.to(device or "cpu").eval()
 
 

@@ -9,6 +9,11 @@ One optimiser step at step ``s`` (0-based) over a global batch of ``batch`` rows
     lr(s) = lr * (s + 1) / warmup                                      for s < warmup
           = lr * (r + (1 - r) * (1 + cos(pi * t)) / 2),  t = (s - warmup) / (steps - warmup)
     with r = min_lr_ratio (r = 1: constant after the warm-up).
+    with ema = d > 0, after each step: theta_ema <- d theta_ema + (1 - d) theta  (buffers copied)
+
+The exponential moving average of the weights (DiT's and GroupMamba's recipes sample and
+evaluate it) starts as a copy of the initial model; when it is on, every evaluation scores the
+average, not the raw weights, and the checkpoint keeps both.
 
 Exact resume: the task's batch of step ``s`` is a function of ``(seed, s)`` only and the
 global RNG is reseeded from ``(seed, s)`` before every step, so nothing that happened before
@@ -32,6 +37,7 @@ and checkpoints excluded), and the task's evaluation entries (``{"step", "split"
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -95,6 +101,7 @@ class TrainerConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    ema: float = 0.0
     bf16: bool = False
     seed: int = 0
     log_every: int = 10
@@ -115,6 +122,8 @@ class TrainerConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1) (0: off), got {self.ema}")
 
 
 #: Fields that may change between a run and its resume (they do not change the math).
@@ -232,6 +241,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg))
         self.step, self.seconds = 0, 0.0
+        self.ema_model = None
+        if cfg.ema > 0:
+            self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.forward = self.model
         if self.world.size > 1:
             ids = [self.world.device.index] if self.world.device.type == "cuda" else None
@@ -260,7 +272,7 @@ class Trainer:
                    if old["task"].get(k) != new["task"].get(k)]
         changed += [f"trainer.{f.name}" for f in fields(TrainerConfig)
                     if f.name not in _RESUMABLE_CHANGES
-                    and old["trainer"].get(f.name) != new["trainer"][f.name]]
+                    and old["trainer"].get(f.name, f.default) != new["trainer"][f.name]]
         if changed:
             raise ValueError(f"cannot resume {self.out / CHECKPOINT}: the run's settings "
                              f"differ ({', '.join(changed)}); use the same arguments or a new "
@@ -280,6 +292,8 @@ class Trainer:
                              "run, or choose another --out")
         self._check_resumable(saved)
         self.model.load_state_dict(saved["model"])
+        if self.ema_model is not None:
+            self.ema_model.load_state_dict(saved["ema"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])
@@ -290,7 +304,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.world.main:
-            save_atomic({"model": self.model.state_dict(),
+            ema = {} if self.ema_model is None else {"ema": self.ema_model.state_dict()}
+            save_atomic({"model": self.model.state_dict(), **ema,
                          "optimizer": self.optimizer.state_dict(),
                          "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
                          "step": self.step, "seconds": self.seconds,
@@ -340,6 +355,7 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        self._update_ema()
         self.step += 1
         if self.world.size > 1:
             reduced = torch.tensor([total, float(units)], dtype=torch.float64,
@@ -348,12 +364,28 @@ class Trainer:
             total, units = reduced[0].item() / self.world.size, int(reduced[1].item())
         return total, units
 
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema_model is None:
+            return
+        decay = self.cfg.ema
+        for average, param in zip(self.ema_model.parameters(), self.model.parameters(),
+                                  strict=True):
+            average.lerp_(param.detach(), 1.0 - decay)
+        for average, buffer in zip(self.ema_model.buffers(), self.model.buffers(), strict=True):
+            average.copy_(buffer)
+
+    def evaluated_model(self) -> nn.Module:
+        """What evaluations score: the weights' moving average when ``ema`` is on."""
+        return self.model if self.ema_model is None else self.ema_model
+
     def evaluate(self) -> list[dict[str, Any]]:
         entries = []
         if self.world.main:
-            self.model.eval()
+            model = self.evaluated_model()
+            model.eval()
             with torch.no_grad(), self._autocast():
-                entries = [{"step": self.step, **e} for e in self.task.evaluate(self.model)]
+                entries = [{"step": self.step, **e} for e in self.task.evaluate(model)]
             self.model.train()
             for entry in entries:
                 self._log(entry)

@@ -40,6 +40,7 @@ from ..models.vit import BACKBONES, PRESETS, build_backbone, check_distillable
 from ..tasks.batches import batch_rows, seeded_generator
 from ..tasks.fashion_mnist import ImageSampler, load_fashion_mnist
 from .arguments import add_trainer_arguments, trainer_config
+from .checkpoint import evaluated_weights
 from .trainer import CHECKPOINT, TrainerConfig, train_task
 
 #: The trainer's settings for images: AdamW lr 1e-3 (betas 0.9, 0.999 and weight decay 0.05 as
@@ -194,7 +195,7 @@ def load_vision_model(checkpoint: str | Path, device: torch.device | str | None 
                          f"needed{hint}")
     model = build_backbone(task["backbone"], task["preset"],
                            distillation=task.get("teacher") is not None)
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(evaluated_weights(saved))
     return model.to(device or "cpu").eval()
 
 

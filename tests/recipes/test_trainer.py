@@ -140,3 +140,45 @@ def test_bf16_autocast_trains(tmp_path):
 
     Trainer(Float32Toy(), _cfg(tmp_path, bf16=True)).fit()
     assert all(math.isfinite(x) for x in _losses(tmp_path))
+
+
+def test_ema_averages_the_weights_and_is_what_evaluations_score(tmp_path):
+    decay = 0.6
+    trainer = Trainer(ToyTask(), _cfg(tmp_path, ema=decay))
+    expected = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    for _ in range(3):
+        trainer.train_step()
+        for name, param in trainer.model.named_parameters():
+            expected[name] = decay * expected[name] + (1 - decay) * param.detach()
+    for name, average in trainer.ema_model.named_parameters():
+        torch.testing.assert_close(average, expected[name], rtol=1e-12, atol=1e-12)
+    assert not torch.equal(trainer.ema_model[0].weight, trainer.model[0].weight)
+    (entry,) = trainer.evaluate()
+    x, y = ToyTask().batch(-1, 32, 0, 32, torch.device("cpu"))
+    with torch.no_grad():
+        assert entry["mse"] == pytest.approx(((trainer.ema_model(x) - y) ** 2).mean().item())
+
+
+def test_ema_resumes_exactly(tmp_path):
+    Trainer(ToyTask(), _cfg(tmp_path / "straight", ema=0.9)).fit()
+    Trainer(ToyTask(), _cfg(tmp_path / "resumed", ema=0.9)).fit(until=5)
+    Trainer(ToyTask(), _cfg(tmp_path / "resumed", ema=0.9, resume=True)).fit()
+    drop = {"tokens_per_s"}
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert ([{k: v for k, v in m.items() if k not in drop} for m in straight]
+            == [{k: v for k, v in m.items() if k not in drop} for m in resumed])
+    saved = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)
+    assert set(saved["ema"]) == set(saved["model"])
+    with pytest.raises(ValueError, match=r"trainer\.ema"):
+        Trainer(ToyTask(), _cfg(tmp_path / "resumed", ema=0.5, resume=True, steps=9)).fit()
+    with pytest.raises(ValueError, match="ema"):
+        Trainer(ToyTask(), _cfg(tmp_path / "bad", ema=1.0))
+
+
+def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_default(tmp_path):
+    """Checkpoints written before ``ema`` existed lack it; they resume as ``ema=0``."""
+    Trainer(ToyTask(), _cfg(tmp_path)).fit(until=3)
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    del saved["config"]["trainer"]["ema"]
+    torch.save(saved, tmp_path / CHECKPOINT)
+    assert Trainer(ToyTask(), _cfg(tmp_path, resume=True)).fit()["finished"]
