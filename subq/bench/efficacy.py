@@ -13,6 +13,10 @@ process stops after that long) splits the grid over several calls.
 
     subq bench efficacy                       # the default grid and budget, OUT=results/efficacy
     subq bench efficacy --entries dense local mamba --steps 200 --preset tiny
+    subq bench efficacy --tasks vision        # the Fashion-MNIST grid into OUT/vision
+
+``--tasks vision`` runs the noncausal side (:mod:`subq.bench.efficacy_vision`) on the same
+runner, and its report adds CAB's compositional index over the mechanisms on both tasks.
 """
 
 from __future__ import annotations
@@ -93,6 +97,10 @@ class Budget:
     def tokens(self) -> int:
         return self.steps * self.batch * self.seq_len
 
+    def command(self, entry: Entry, seed: int, out: Path, chunk: float | None,
+                source: Path | None = None) -> list[str]:
+        return train_command(entry, seed, self, out, chunk)
+
 
 def run_name(entry: Entry, seed: int) -> str:
     return f"{entry.name.replace(' ', '_').replace('(', '').replace(')', '')}-s{seed}"
@@ -143,9 +151,11 @@ class _Job:
     started: float = 0.0
 
 
-def plan(grid: Sequence[Entry], budget: Budget, out: Path, chunk: float | None
-         ) -> list[_Job]:
-    """Every unfinished run, trained runs before the training-free ones that read them."""
+def plan(grid: Sequence[Any], budget: Any, out: Path, chunk: float | None) -> list[_Job]:
+    """Every unfinished run, trained runs before the training-free ones that read them. A run
+    with a source (a transplant's trained run, a distillation's teacher) waits for it; the
+    budget builds each training command (``budget.command(entry, seed, folder, chunk,
+    source)``)."""
     by_name = {e.name: e for e in grid}
     jobs, later = [], []
     for entry in grid:
@@ -153,14 +163,18 @@ def plan(grid: Sequence[Entry], budget: Budget, out: Path, chunk: float | None
             folder = out / "runs" / run_name(entry, seed)
             if is_finished(folder):
                 continue
+            origin = entry.transplant or getattr(entry, "teacher", None)
+            if origin is not None and origin not in by_name:
+                raise ValueError(f"entry {entry.name!r} reads {origin!r}, which is not in the "
+                                 "grid")
+            source = None
+            if origin is not None:  # a transplant reads its own seed; a teacher is seed 0's
+                source_seed = seed if entry.transplant else by_name[origin].seeds[0]
+                source = out / "runs" / run_name(by_name[origin], source_seed)
             if entry.transplant is None:
                 jobs.append(_Job(entry, seed, folder,
-                                 train_command(entry, seed, budget, folder, chunk)))
+                                 budget.command(entry, seed, folder, chunk, source), source))
             else:
-                if entry.transplant not in by_name:
-                    raise ValueError(f"entry {entry.name!r} transplants {entry.transplant!r}, "
-                                     "which is not in the grid")
-                source = out / "runs" / run_name(by_name[entry.transplant], seed)
                 later.append(_Job(entry, seed, folder,
                                   transplant_command(entry, source, folder), source))
     return jobs + later
@@ -192,7 +206,7 @@ def _record(job: _Job, status: int, rusage: Any, budget: Budget) -> bool:
     return done
 
 
-def run_grid(grid: Sequence[Entry], budget: Budget, out: Path, *, jobs: int = 2,
+def run_grid(grid: Sequence[Any], budget: Any, out: Path, *, jobs: int = 2,
              threads: int = 1, chunk: float | None = None,
              log: Callable[[str], None] | None = None) -> dict[str, int]:
     """Run every unfinished run of ``grid``, ``jobs`` processes at a time with ``threads``
@@ -232,7 +246,7 @@ def run_grid(grid: Sequence[Entry], budget: Budget, out: Path, *, jobs: int = 2,
     return counts
 
 
-def _check_budget(out: Path, budget: Budget) -> None:
+def _check_budget(out: Path, budget: Any) -> None:
     """One folder holds one budget: rerunning with another one would mix them."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "budget.json"
@@ -246,10 +260,9 @@ def _check_budget(out: Path, budget: Budget) -> None:
         path.write_text(json.dumps(asdict(budget), indent=1) + "\n")
 
 
-def select(names: Sequence[str] | None, grid: Sequence[Entry] = DEFAULT_GRID
-           ) -> list[Entry]:
-    """The entries named (all when ``names`` is empty), in grid order; a transplant's source is
-    added when missing."""
+def select(names: Sequence[str] | None, grid: Sequence[Any] = DEFAULT_GRID) -> list[Any]:
+    """The entries named (all when ``names`` is empty), in grid order; a transplant's source
+    (or a distillation's teacher) is added when missing."""
     if not names:
         return list(grid)
     by_name = {e.name: e for e in grid}
@@ -258,6 +271,7 @@ def select(names: Sequence[str] | None, grid: Sequence[Entry] = DEFAULT_GRID
         raise ValueError(f"unknown entries {unknown}; the grid has: {list(by_name)}")
     wanted = set(names)
     wanted |= {by_name[n].transplant for n in names if by_name[n].transplant}
+    wanted |= {t for n in names if (t := getattr(by_name[n], "teacher", None))}
     return [e for e in grid if e.name in wanted]
 
 
@@ -266,8 +280,17 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     defaults = Budget()
     p = sub.add_parser("efficacy", help="train the LM grid at equal parameters and tokens; "
                        "writes OUT/efficacy.{json,md} and plots")
+    p.add_argument("--tasks", nargs="+", choices=("lm", "vision"), default=["lm"],
+                   help="lm: the byte-LM grid (OUT); vision: the Fashion-MNIST grid "
+                        "(OUT/vision) and CAB's compositional index over both")
     p.add_argument("--entries", nargs="+", metavar="NAME",
                    help=f"grid entries (default: all): {[e.name for e in DEFAULT_GRID]}")
+    p.add_argument("--vision-entries", nargs="+", metavar="NAME",
+                   help="vision grid entries (default: all)")
+    p.add_argument("--vision-preset", default="micro")
+    p.add_argument("--vision-steps", type=int, default=1000)
+    p.add_argument("--vision-batch", type=int, default=64)
+    p.add_argument("--data", help="the Fashion-MNIST idx folder (default: the Debian package)")
     p.add_argument("--preset", default=defaults.preset)
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--batch", type=int, default=defaults.batch)
@@ -291,16 +314,27 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from .efficacy_report import write_report
+    from .efficacy_vision import VISION_GRID, VisionBudget, write_vision_report
 
-    grid = select(args.entries)
-    budget = Budget(preset=args.preset, steps=args.steps, batch=args.batch,
-                    seq_len=args.seq_len, lr=args.lr, eval_every=args.eval_every,
-                    eval_bytes=args.eval_bytes, text=args.text)
-    out = Path(args.out)
-    if not args.report_only:
-        started = time.perf_counter()
-        counts = run_grid(grid, budget, out, jobs=args.jobs, threads=args.threads,
-                          chunk=args.chunk)
-        print(f"{counts} in {(time.perf_counter() - started) / 60:.1f} min")
-    print(f"report: {write_report(out, grid, Path(args.docs_dir) if args.docs else None)}")
+    out, docs = Path(args.out), Path(args.docs_dir) if args.docs else None
+    runs = []
+    if "lm" in args.tasks:
+        runs.append((select(args.entries), Budget(
+            preset=args.preset, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
+            lr=args.lr, eval_every=args.eval_every, eval_bytes=args.eval_bytes,
+            text=args.text), out))
+    if "vision" in args.tasks:
+        runs.append((select(args.vision_entries, VISION_GRID), VisionBudget(
+            preset=args.vision_preset, steps=args.vision_steps, batch=args.vision_batch,
+            data=args.data), out / "vision"))
+    for grid, budget, folder in runs:
+        if not args.report_only:
+            started = time.perf_counter()
+            counts = run_grid(grid, budget, folder, jobs=args.jobs, threads=args.threads,
+                              chunk=args.chunk)
+            print(f"{counts} in {(time.perf_counter() - started) / 60:.1f} min")
+        if isinstance(budget, Budget):
+            print(f"report: {write_report(folder, grid, docs)}")
+        else:
+            print(f"report: {write_vision_report(folder, out, tuple(grid), docs)}")
     return 0
