@@ -151,12 +151,14 @@ def test_missing_teacher_and_bad_choices_are_named(data):
 
 
 def test_sample_dit_writes_a_grid_by_class_and_its_record(teacher, data, tmp_path):
+    import numpy
     from PIL import Image
 
     out = tmp_path / "grid.png"
     assert main(["sample", "dit", "--checkpoint", str(teacher), "--out", str(out),
                  "--per-class", "2", "--steps", "3", "--seed", "5"]) == 0
-    grid = torch.tensor(list(Image.open(out).getdata())).reshape(10 * 30, 2 * 30)
+    grid = torch.from_numpy(numpy.array(Image.open(out))).long()
+    assert grid.shape == (10 * 30, 2 * 30)
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["samples"] == 20 and record["steps"] == 3 and record["seconds_per_step"] > 0
     model = load_dit(teacher)
