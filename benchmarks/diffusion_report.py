@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from subq.bench.docs_section import write_section
 from subq.recipes.summary import summarise
 
 MARKERS = ("<!-- diffusion-report:start -->", "<!-- diffusion-report:end -->")
@@ -117,12 +118,6 @@ def plot(runs: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_docs(text: str, page: Path) -> None:
-    content = page.read_text()
-    start, end = content.index(MARKERS[0]), content.index(MARKERS[1])
-    page.write_text(content[:start + len(MARKERS[0])] + "\n" + text + content[end:])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
@@ -152,7 +147,7 @@ def main() -> int:
     if docs:
         (docs / "data").mkdir(parents=True, exist_ok=True)
         (docs / "data" / "diffusion_lit.json").write_text(json.dumps(record, indent=1) + "\n")
-        write_docs(text, docs / "diffusion.md")
+        write_section(docs / "diffusion.md", MARKERS, text)
     return 0
 
 

@@ -180,6 +180,15 @@ def plan(grid: Sequence[Any], budget: Any, out: Path, chunk: float | None) -> li
     return jobs + later
 
 
+def read_rusage(run: Path) -> list[dict[str, Any]]:
+    """The ``{"exit", "wall_s", "max_rss_mib"}`` records of every process of a run (one per
+    chunk), from its ``rusage.jsonl`` (empty when it has none)."""
+    path = run / RUSAGE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _parameters(run: Path) -> int:
     """The parameter count a run recorded: its checkpoint's, or a transplant's record."""
     if (run / TRANSPLANT).exists():

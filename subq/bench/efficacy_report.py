@@ -21,7 +21,8 @@ from typing import Any
 
 from ..recipes.lm import TRAINER_DEFAULTS as LM_TRAINER
 from ..recipes.trainer import read_metrics
-from .efficacy import RESULT, RUSAGE, Budget, Entry, run_name
+from .docs_section import write_section
+from .efficacy import RESULT, Budget, Entry, read_rusage, run_name
 
 IMAGES = {"curves": "efficacy_curves.png", "lengths": "efficacy_lengths.png",
           "frontier": "efficacy_frontier.png", "seeds": "efficacy_seeds.png"}
@@ -32,10 +33,7 @@ def _run_summary(folder: Path, seq_len: int) -> dict[str, Any]:
     evals = [m for m in metrics if "split" in m]
     losses = [m for m in metrics if "loss" in m]
     final = max((e["step"] for e in evals), default=None)
-    rusage = []
-    if (folder / RUSAGE).exists():
-        rusage = [json.loads(line) for line in (folder / RUSAGE).read_text().splitlines()
-                  if line.strip()]
+    rusage = read_rusage(folder)
     speeds = [m["tokens_per_s"] for m in losses]
     return {
         "finished": (folder / RESULT).exists(),
@@ -240,12 +238,8 @@ def write_docs(results: dict[str, Any], docs: Path) -> Path:
     write_plots(results, docs / "img")
     (docs / "data").mkdir(parents=True, exist_ok=True)
     (docs / "data" / "efficacy.json").write_text(json.dumps(results, indent=1) + "\n")
-    page = docs / "efficacy.md"
-    text = page.read_text() if page.exists() else "\n".join(DOCS_MARKERS) + "\n"
-    start, end = (text.index(marker) for marker in DOCS_MARKERS)
     report = render_markdown(results, image_prefix="img/").replace("# ", "## ", 1)
-    page.write_text(text[:start + len(DOCS_MARKERS[0])] + "\n" + report + text[end:])
-    return page
+    return write_section(docs / "efficacy.md", DOCS_MARKERS, report)
 
 
 def write_report(out: Path, grid: Sequence[Entry], docs: Path | None = None) -> Path:

@@ -26,7 +26,8 @@ from typing import Any
 
 from ..recipes.trainer import read_metrics
 from .compositional import compositional_index, population_metrics
-from .efficacy import RESULT, RUSAGE, run_name
+from .docs_section import write_section
+from .efficacy import RESULT, read_rusage, run_name
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,7 @@ def _run_summary(folder: Path) -> dict[str, Any]:
     metrics = read_metrics(folder)
     tests = [m for m in metrics if m.get("split") == "test"]
     speeds = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
-    rusage = ([json.loads(line) for line in (folder / RUSAGE).read_text().splitlines()
-               if line.strip()] if (folder / RUSAGE).exists() else [])
+    rusage = read_rusage(folder)
     finished = (folder / RESULT).exists()
     return {"finished": finished, "accuracy": tests[-1]["accuracy"] if tests else None,
             "curve": [(e["step"], e["accuracy"]) for e in tests],
@@ -225,11 +225,5 @@ def write_vision_report(out: Path, lm_out: Path | None, grid: tuple[VisionEntry,
     if docs is not None:
         (docs / "data").mkdir(parents=True, exist_ok=True)
         (docs / "data" / "efficacy_vision.json").write_text(json.dumps(record, indent=1) + "\n")
-        page = docs / "efficacy.md"
-        content = page.read_text() if page.exists() else ""
-        if VISION_MARKERS[0] not in content:
-            content += "\n" + "\n".join(VISION_MARKERS) + "\n"
-        start, end = (content.index(marker) for marker in VISION_MARKERS)
-        page.write_text(content[:start + len(VISION_MARKERS[0])] + "\n" + text
-                        + content[end:])
+        write_section(docs / "efficacy.md", VISION_MARKERS, text)
     return path

@@ -11,6 +11,9 @@ from typing import Any
 
 import torch
 
+CHECKPOINT = "checkpoint.pt"
+"""The file name of a run's checkpoint inside its folder."""
+
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj)`` to ``path`` atomically (parents created)."""
@@ -40,3 +43,14 @@ def evaluated_weights(saved: dict[str, Any]) -> dict[str, Any]:
     """The state dict a trained run's evaluations scored: the weights' moving average when
     the run kept one (``ema``), else the weights."""
     return saved["ema"] if "ema" in saved else saved["model"]
+
+
+def read_run(checkpoint: str | os.PathLike, hint: str) -> tuple[Path, dict[str, Any]]:
+    """``(path, saved)`` of a training run's checkpoint, given the run folder ``OUT`` or
+    ``OUT/checkpoint.pt``; ``FileNotFoundError`` naming the path and ``hint`` (how to make
+    one) when there is none."""
+    path = Path(checkpoint)
+    path = path / CHECKPOINT if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; {hint}")
+    return path, torch.load(path, map_location="cpu", weights_only=False)

@@ -200,15 +200,14 @@ class DiffusionTask:
                         sampler=self.cfg.sampler, cfg_scale=self.cfg.cfg_scale, seed=seed)
 
     def fid(self, model: nn.Module) -> float:
-        from .frechet import feature_statistics, frechet_distance, load_feature_classifier
+        from .frechet import feature_statistics, fid_fmnist, load_feature_classifier
 
         if self._fid is None:
             classifier = load_feature_classifier(self.cfg.fid_classifier)
             self._fid = (classifier, feature_statistics(classifier, self.test_images))
-        classifier, (mu, sigma) = self._fid
+        classifier, reference = self._fid
         classifier.to(next(model.parameters()).device)
-        samples = self.generate(model, self.cfg.fid_samples)
-        return frechet_distance(*feature_statistics(classifier, samples), mu, sigma)
+        return fid_fmnist(classifier, self.generate(model, self.cfg.fid_samples), reference)
 
     def evaluate(self, model: nn.Module) -> list[dict[str, Any]]:
         count = min(self.cfg.eval_images or self.test_images.shape[0],

@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, fields
-from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from ..models.dit import DiT, DiTConfig, shared_parameter_names
-from .checkpoint import evaluated_weights
+from .checkpoint import evaluated_weights, read_run
 from .gaussian_diffusion import GaussianDiffusion, mean_flat
-from .trainer import CHECKPOINT
 
 DISTILL_NOISE = 0.5
 """LiT's lambda_1 (the weight of the noise term)."""
@@ -49,23 +47,24 @@ class Inheritance(NamedTuple):
     fresh: list[str]
 
 
+def load_dit_run(checkpoint: str | os.PathLike, device: torch.device | str | None = None
+                 ) -> tuple[DiT, dict[str, Any]]:
+    """The trained DiT of a ``subq train dit`` run (``OUT/checkpoint.pt`` or ``OUT``), in eval
+    mode, on ``device`` (default: the CPU), and the run's task settings."""
+    path, saved = read_run(checkpoint, "train a teacher with `subq train dit --attention "
+                                       "softmax --out DIR`")
+    task = saved.get("config", {}).get("task", {})
+    if not isinstance(task.get("model"), dict):
+        raise ValueError(f"{path} is not a `subq train dit` checkpoint (no task.model config)")
+    model = DiT(DiTConfig(**task["model"]))
+    model.load_state_dict(evaluated_weights(saved))
+    return model.to(device or "cpu").eval(), task
+
+
 def load_dit(checkpoint: str | os.PathLike, device: torch.device | str | None = None
              ) -> DiT:
-    """The trained DiT of a ``subq train dit`` run (``OUT/checkpoint.pt`` or ``OUT``), in eval
-    mode, on ``device`` (default: the CPU)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no DiT checkpoint at {path}; train a teacher with `subq train "
-                                "dit --attention softmax --out DIR`")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    model_config = saved.get("config", {}).get("task", {}).get("model")
-    if not isinstance(model_config, dict):
-        raise ValueError(f"{path} is not a `subq train dit` checkpoint (no task.model config)")
-    model = DiT(DiTConfig(**model_config))
-    model.load_state_dict(evaluated_weights(saved))
-    return model.to(device or "cpu").eval()
+    """The trained DiT of a ``subq train dit`` run (see :func:`load_dit_run`)."""
+    return load_dit_run(checkpoint, device)[0]
 
 
 def check_inheritable(teacher: DiTConfig, student: DiTConfig) -> None:
@@ -117,4 +116,5 @@ def hybrid_distillation(diffusion: GaussianDiffusion, student_output: torch.Tens
 
 
 __all__ = ["DISTILL_NOISE", "DISTILL_VARIANCE", "VARIANCE_TARGETS", "Inheritance",
-           "check_inheritable", "hybrid_distillation", "inherit_weights", "load_dit"]
+           "check_inheritable", "hybrid_distillation", "inherit_weights", "load_dit",
+           "load_dit_run"]

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from ..tasks.fashion_mnist import load_fashion_mnist, to_uint8
+from ..tasks.fashion_mnist import to_uint8
 from .diffusion_sampling import SAMPLERS
 from .dit import EVAL_SEED, generate
 from .gaussian_diffusion import GaussianDiffusion
-from .lit import load_dit
+from .lit import load_dit_run
 
 
 def image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
@@ -50,10 +50,9 @@ def sample_grid(checkpoint: str, out: str, *, per_class: int = 10, steps: int = 
     and ``out`` with suffix ``.json`` (the settings, seconds and peak memory per step, and
     FID-FMNIST when ``fid_classifier`` is given); returns that record."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_dit(checkpoint, device)
+    model, task = load_dit_run(checkpoint, device)
     cfg = model.cfg
-    diffusion = GaussianDiffusion.linear(_diffusion_steps(checkpoint),
-                                         learn_sigma=cfg.learn_sigma)
+    diffusion = GaussianDiffusion.linear(task["diffusion_steps"], learn_sigma=cfg.learn_sigma)
     count = per_class * cfg.num_classes
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -70,24 +69,16 @@ def sample_grid(checkpoint: str, out: str, *, per_class: int = 10, steps: int = 
         "peak_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20
                             if device.type == "cuda" else None)}
     if fid_classifier:
-        from .frechet import feature_statistics, frechet_distance, load_feature_classifier
+        from .frechet import fid_fmnist, load_feature_classifier, reference_statistics
 
         classifier = load_feature_classifier(fid_classifier, device)
-        test_images, _ = load_fashion_mnist(data).as_tensors("test")
         samples = generate(model, diffusion, fid_samples, steps=steps, sampler=sampler,
                            cfg_scale=cfg_scale, seed=seed)
-        record["fid_fmnist"] = frechet_distance(*feature_statistics(classifier, samples),
-                                                *feature_statistics(classifier, test_images))
+        record["fid_fmnist"] = fid_fmnist(classifier, samples,
+                                          lambda c: reference_statistics(c, data))
         record["fid_samples"] = fid_samples
     Path(out).with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     return record
-
-
-def _diffusion_steps(checkpoint: str) -> int:
-    path = Path(checkpoint)
-    path = path / "checkpoint.pt" if path.is_dir() else path
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    return int(saved["config"]["task"]["diffusion_steps"])
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:

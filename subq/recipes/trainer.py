@@ -54,9 +54,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.counting import num_parameters
-from .checkpoint import load_if_exists, save_atomic
+from .checkpoint import CHECKPOINT, load_if_exists, save_atomic
 
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 

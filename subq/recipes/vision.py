@@ -40,8 +40,8 @@ from ..models.vit import BACKBONES, PRESETS, build_backbone, check_distillable
 from ..tasks.batches import batch_rows, seeded_generator
 from ..tasks.fashion_mnist import ImageSampler, load_fashion_mnist
 from .arguments import add_trainer_arguments, trainer_config
-from .checkpoint import evaluated_weights
-from .trainer import CHECKPOINT, TrainerConfig, train_task
+from .checkpoint import evaluated_weights, read_run
+from .trainer import TrainerConfig, train_task
 
 #: The trainer's settings for images: AdamW lr 1e-3 (betas 0.9, 0.999 and weight decay 0.05 as
 #: GroupMamba's recipe), 100 warm-up steps, cosine to 10 %, batches of 64 images, gradient
@@ -180,12 +180,9 @@ def load_vision_model(checkpoint: str | Path, device: torch.device | str | None 
     in eval mode on ``device`` (default: the CPU). ``backbone``: the name it must have.
     ``FileNotFoundError`` / ``ValueError`` (ending with ``hint``, e.g. how to train one) when
     there is no such file, it is not a vision checkpoint or holds another backbone."""
-    path = Path(checkpoint)
-    path = path / CHECKPOINT if path.is_dir() else path
-    hint = "; " + (hint or "train one with `subq train vision --backbone NAME --out DIR`")
-    if not path.is_file():
-        raise FileNotFoundError(f"no vision checkpoint at {path}{hint}")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    hint = hint or "train one with `subq train vision --backbone NAME --out DIR`"
+    path, saved = read_run(checkpoint, hint)
+    hint = "; " + hint
     task = saved.get("config", {}).get("task", {}) if isinstance(saved, dict) else {}
     if "backbone" not in task or "preset" not in task or "model" not in saved:
         raise ValueError(f"{path} is not a `subq train vision` checkpoint (no model state or "
