@@ -59,6 +59,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "subq.recipes.lm",
     "subq.recipes.vision",
     "subq.recipes.dit",
+    "subq.recipes.scale_dit",
     "subq.recipes.sample_dit",
 )
 

@@ -145,23 +145,29 @@ def build_attention(cfg: DiTConfig) -> nn.Module:
     return GridAttention(cfg.hidden, heads, cfg.attention, options)
 
 
-def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """``(len(positions), dim)``: ``[sin(p w_k), cos(p w_k)]`` with ``w_k = 10000^(-k / (dim /
-    2))``, ``k < dim / 2``."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+def sincos_1d(dim: int, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """``(len(positions), dim)``: ``[sin(p w_k), cos(p w_k)]`` with ``w_k = base^(-k / (dim /
+    2))``, ``k < dim / 2`` (positions may be fractional)."""
+    omega = 1.0 / base ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     angles = positions.to(torch.float64)[:, None] * omega[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """``(grid^2, dim)`` float32 fixed positional embedding of a row-major ``grid x grid``
-    token grid: the first half encodes the column, the second the row (``dim % 4 == 0``)."""
+def sincos_2d_at(dim: int, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """``(N, dim)`` float32 sin-cos embedding of ``(N, 2)`` (row, col) positions: the first
+    half encodes the column, the second the row (``dim % 4 == 0``)."""
     if dim % 4:
         raise ValueError(f"the 2-D sin-cos embedding needs dim % 4 == 0, got {dim}")
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())],
-                    dim=1)
+    emb = torch.cat([sincos_1d(dim // 2, positions[:, 1], base),
+                     sincos_1d(dim // 2, positions[:, 0], base)], dim=1)
     return emb.float()
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """``(grid^2, dim)`` float32 fixed positional embedding of a row-major ``grid x grid``
+    token grid (DiT's): :func:`sincos_2d_at` of the integer cells."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return sincos_2d_at(dim, torch.stack([rows.flatten(), cols.flatten()], dim=1))
 
 
 def timestep_frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -217,6 +223,14 @@ class LabelEmbedder(nn.Module):
     def forward(self, y: torch.Tensor, force_drop: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         return self.embedding_table(self.drop(y, force_drop, generator))
+
+
+def unpatchify(x: torch.Tensor, grid: int, patch: int, channels: int) -> torch.Tensor:
+    """``(B, grid^2, patch^2 channels) -> (B, channels, grid patch, grid patch)`` for a
+    row-major ``grid x grid`` token grid."""
+    x = x.reshape(x.shape[0], grid, grid, patch, patch, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], channels, grid * patch,
+                                                      grid * patch)
 
 
 class FinalLayer(nn.Module):
@@ -281,9 +295,7 @@ class DiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, p p C_out) -> (B, C_out, g p, g p)`` for the ``g x g`` row-major grid."""
-        p, g, c = self.cfg.patch_size, self.cfg.grid, self.cfg.out_channels
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+        return unpatchify(x, self.cfg.grid, self.cfg.patch_size, self.cfg.out_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
                 force_drop: torch.Tensor | None = None,
@@ -309,15 +321,25 @@ class DiT(nn.Module):
         """Classifier-free guidance as DiT: one batched pass over ``[x; x]`` with labels
         ``[y; null]``; the noise channels become ``uncond + cfg_scale (cond - uncond)``, the
         variance channels (``learn_sigma``) are the conditional ones. ``(B, C_out, H, W)``."""
-        batch = x.shape[0]
-        drop = torch.cat([torch.zeros(batch, dtype=torch.bool, device=y.device),
-                          torch.ones(batch, dtype=torch.bool, device=y.device)])
-        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]),
-                           force_drop=drop)
-        channels = self.cfg.in_channels
-        eps, rest = out[:, :channels], out[:, channels:]
-        cond, uncond = eps[:batch], eps[batch:]
-        return torch.cat([uncond + cfg_scale * (cond - uncond), rest[:batch]], dim=1)
+        return classifier_free_guidance(self, x, t, y, cfg_scale, self.cfg.in_channels)
+
+
+def classifier_free_guidance(model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                             y: torch.Tensor, cfg_scale: float, channels: int,
+                             **inputs: torch.Tensor) -> torch.Tensor:
+    """DiT's guidance for any ``model(x, t, y, force_drop=..., **inputs)``: one pass over
+    ``[x; x]`` (each of ``inputs`` doubled too) with labels ``[y; null]``; the first
+    ``channels`` output channels become ``uncond + cfg_scale (cond - uncond)``, the rest are
+    the conditional ones."""
+    batch = x.shape[0]
+    drop = torch.cat([torch.zeros(batch, dtype=torch.bool, device=y.device),
+                      torch.ones(batch, dtype=torch.bool, device=y.device)])
+    doubled = {name: torch.cat([value, value]) for name, value in inputs.items()}
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop=drop,
+                **doubled)
+    eps, rest = out[:, :channels], out[:, channels:]
+    cond, uncond = eps[:batch], eps[batch:]
+    return torch.cat([uncond + cfg_scale * (cond - uncond), rest[:batch]], dim=1)
 
 
 def dit_parameters(cfg: DiTConfig) -> int:
@@ -361,4 +383,5 @@ def shared_parameter_names(cfg_a: DiTConfig, cfg_b: DiTConfig) -> ParameterSplit
 
 
 __all__ = ["ATTENTIONS", "DIT_PRESETS", "DiT", "DiTConfig", "ParameterSplit", "attention_defaults",
-           "build_attention", "dit_config", "dit_parameters", "shared_parameter_names"]
+           "build_attention", "classifier_free_guidance", "dit_config", "dit_parameters",
+           "shared_parameter_names", "sincos_2d_at", "unpatchify"]

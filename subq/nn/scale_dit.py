@@ -28,6 +28,8 @@ tokens with :func:`subq.ops.token_order.grid_order`); the RoPE ids follow the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -73,8 +75,10 @@ class LoRALinear(nn.Module):
 
 class ScaleDiTBlock(nn.Module):
     """``forward(text (B, T, D), hi (B, Nh, D), lo (B, Nl, D), c (B, D), c_lo (B, D), layout,
-    positions=None) -> (text, hi, lo)``; ``layout`` describes ``T``, ``Nh``, ``Nl`` (``Nl = 0``:
-    no guide).
+    positions=None, attend=None) -> (text, hi, lo)``; ``layout`` describes ``T``, ``Nh``,
+    ``Nl`` (``Nl = 0``: no guide). ``attend(q, k, v)`` replaces the attention core (default:
+    :func:`~subq.ops.hierarchical_local.hierarchical_local_attention` with ``layout``; dense
+    attention over every token is the baseline of ``subq sample dit --attention softmax``).
 
     RoPE (``rope=True``, as the paper): ids ``positions (N, 3)``, by default
     :func:`scale_dit_positions` with ``anchor_factor``; the head dimension is split over the
@@ -126,7 +130,8 @@ class ScaleDiTBlock(nn.Module):
         return self.mlp_out(self.mlp.act(self.mlp.fc1(x)), lora)
 
     def forward(self, text: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, c: torch.Tensor,
-                c_lo: torch.Tensor, layout: Layout, positions: torch.Tensor | None = None
+                c_lo: torch.Tensor, layout: Layout, positions: torch.Tensor | None = None,
+                attend: Callable[..., torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sizes = (text.shape[1], hi.shape[1], lo.shape[1])
         if sizes != (layout.text, layout.hi_count, layout.lo_count):
@@ -144,7 +149,11 @@ class ScaleDiTBlock(nn.Module):
                 positions = scale_dit_positions(layout, self.anchor_factor, q.device)
             kappa = self.ntk_factor if layout.lo_count > 0 else 1.0
             q, k = self.rope(q, positions, kappa), self.rope(k, positions, kappa)
-        att = merge_heads(hierarchical_local_attention(q, k, v, layout=layout))
+        if attend is None:
+            att = hierarchical_local_attention(q, k, v, layout=layout)
+        else:
+            att = attend(q, k, v)
+        att = merge_heads(att)
         n = main.shape[1]
         main = main + mod[2][:, None] * self.proj(att[:, :n])
         lo = lo + mod_lo[2][:, None] * self.proj(att[:, n:], lora=True)

@@ -30,34 +30,52 @@ from .gaussian_diffusion import GaussianDiffusion, ModelFn
 SAMPLERS = ("ddpm", "ddim")
 
 
-def guided(model: nn.Module, labels: torch.Tensor, cfg_scale: float = 1.0) -> ModelFn:
-    """``model_fn(x, t)`` of a class-conditional DiT for ``labels``: the conditional model at
-    ``cfg_scale == 1``, classifier-free guidance otherwise (labels never dropped at random)."""
+def guided(model: nn.Module, labels: torch.Tensor, cfg_scale: float = 1.0,
+           **inputs: torch.Tensor) -> ModelFn:
+    """``model_fn(x, t)`` of a class-conditional DiT for ``labels`` (and extra keyword
+    ``inputs``, e.g. Scale-DiT's guide ``lo``): the conditional model at ``cfg_scale == 1``,
+    classifier-free guidance otherwise (labels never dropped at random)."""
     if cfg_scale == 1.0:
         keep = torch.zeros_like(labels, dtype=torch.bool)
-        return lambda x, t: model(x, t, labels, force_drop=keep)
-    return lambda x, t: model.forward_with_cfg(x, t, labels, cfg_scale)
+        return lambda x, t: model(x, t, labels, force_drop=keep, **inputs)
+    return lambda x, t: model.forward_with_cfg(x, t, labels, cfg_scale, **inputs)
 
 
 @torch.no_grad()
 def sample(diffusion: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...], *,
            seed: int, device: torch.device | str | None = None, sampler: str = "ddpm",
-           eta: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           eta: float = 0.0, dtype: torch.dtype = torch.float32,
+           init: torch.Tensor | None = None, steps: int | None = None) -> torch.Tensor:
     """Samples ``shape`` (``(B, C, H, W)``) from ``diffusion`` (respace it first for fewer
     steps) with ``sampler`` ``"ddpm"`` or ``"ddim"``, in ``[-1, 1]`` up to the last step's
-    noise."""
+    noise.
+
+    ``init`` (SDEdit, Meng et al. 2022; Scale-DiT's ``interpolation_init``): start from
+    ``init`` noised to step ``steps - 1``, ``x = q(x_{steps-1} | init)``, and run only the
+    last ``steps`` steps; without it, all steps from pure noise."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    count = diffusion.num_timesteps if steps is None else steps
+    if not 1 <= count <= diffusion.num_timesteps:
+        raise ValueError(f"steps must be in [1, {diffusion.num_timesteps}], got {steps}")
+    if steps is not None and init is None:
+        raise ValueError("steps (the last steps to run) needs init, the image to start from")
+    if init is not None and tuple(init.shape) != tuple(shape):
+        raise ValueError(f"init must have the sample shape {tuple(shape)}, got "
+                         f"{tuple(init.shape)}")
     generator = torch.Generator().manual_seed(seed)
 
     def normal() -> torch.Tensor:
         return torch.randn(shape, generator=generator, dtype=torch.float64).to(device, dtype)
 
     x = normal()
+    if init is not None:
+        first = torch.full((shape[0],), count - 1, dtype=torch.long, device=x.device)
+        x = diffusion.q_sample(init.to(x.device, dtype), first, x)
     step = ddpm_step if sampler == "ddpm" else ddim_step
-    for i in reversed(range(diffusion.num_timesteps)):
+    for i in reversed(range(count)):
         t = torch.full((shape[0],), i, dtype=torch.long, device=x.device)
         output = model_fn(x, diffusion.timestep_map.to(x.device)[t])
         x = step(diffusion, output, x, t, normal() if i > 0 else None, eta)

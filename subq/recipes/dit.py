@@ -123,17 +123,31 @@ class DiffusionTask:
         self.cfg, self.seed = cfg, seed
         self.model_config = dit_config(cfg.preset, attention=cfg.attention,
                                        attention_heads=cfg.attention_heads)
-        self.dataset = load_fashion_mnist(cfg.data)
-        images, labels = self.dataset.as_tensors("train")
-        self.sampler = ImageSampler(images, labels, seed)
-        self.test_images, self.test_labels = self.dataset.as_tensors("test")
-        self.diffusion = GaussianDiffusion.linear(cfg.diffusion_steps,
-                                                  learn_sigma=self.model_config.learn_sigma)
+        self.load_data(cfg.data, cfg.diffusion_steps)
         self.teacher = None if cfg.teacher is None else load_dit(cfg.teacher)
         if self.teacher is not None:
             self.teacher.requires_grad_(False)
         self.inheritance: Inheritance | None = None
         self._fid: tuple[Any, Any] | None = None
+
+    def load_data(self, data: str | None, diffusion_steps: int) -> None:
+        """Fashion-MNIST's splits, the epoch sampler and the diffusion process."""
+        self.dataset = load_fashion_mnist(data)
+        images, labels = self.dataset.as_tensors("train")
+        self.sampler = ImageSampler(images, labels, self.seed)
+        self.test_images, self.test_labels = self.dataset.as_tensors("test")
+        self.diffusion = GaussianDiffusion.linear(diffusion_steps,
+                                                  learn_sigma=self.model_config.learn_sigma)
+
+    @property
+    def resolution(self) -> int:
+        """The side of the images the model denoises."""
+        return self.model_config.image_size
+
+    def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The diffusion's ``x_0`` for a batch of dataset images and the model's extra inputs
+        (here the images themselves and none; Scale-DiT's bridge upsamples and adds a guide)."""
+        return images, {}
 
     def config(self) -> dict[str, Any]:
         inherited = {} if self.inheritance is None else self.inheritance._asdict()
@@ -151,18 +165,20 @@ class DiffusionTask:
         images, labels = self.sampler.batch(step, size)
         g = seeded_generator(self.seed, "diffusion", step)
         t = torch.randint(0, self.diffusion.num_timesteps, (size,), generator=g)
-        noise = torch.randn(images.shape, generator=g)
+        noise = torch.randn((size, images.shape[1], self.resolution, self.resolution),
+                            generator=g)
         drop = torch.rand(size, generator=g) < self.model_config.class_dropout_prob
         rows = batch_rows(size, start, count)
         return tuple(x[rows].to(device) for x in (images, labels, t, noise, drop))
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
              ) -> tuple[torch.Tensor, int]:
-        x0, y, t, noise, drop = batch
+        images, y, t, noise, drop = batch
+        x0, inputs = self.prepare(images)
         terms = self.diffusion.training_losses(
-            lambda x, s: model(x, s, y, force_drop=drop), x0, t, noise)
+            lambda x, s: model(x, s, y, force_drop=drop, **inputs), x0, t, noise)
         loss = terms["loss"]
-        if self.cfg.distill == "hybrid":
+        if self.teacher is not None and self.cfg.distill == "hybrid":
             teacher = self.teacher.to(x0.device)
             with torch.no_grad():
                 target = teacher(terms["x_t"], t, y, force_drop=drop)
@@ -177,21 +193,26 @@ class DiffusionTask:
         the fixed held-out draws."""
         device = next(model.parameters()).device
         count = self.cfg.eval_images or self.test_images.shape[0]
-        x0, y = self.test_images[:count], self.test_labels[:count]
+        images, y = self.test_images[:count], self.test_labels[:count]
         g = seeded_generator(EVAL_SEED, "held-out")
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, self.diffusion.num_timesteps, (images.shape[0],), generator=g)
+        noise = torch.randn((images.shape[0], images.shape[1], self.resolution,
+                             self.resolution), generator=g)
         sums = {"mse": 0.0, "vb": 0.0, "loss": 0.0}
-        for i in range(0, x0.shape[0], self.cfg.eval_batch):
+        for i in range(0, images.shape[0], self.cfg.eval_batch):
             part = slice(i, i + self.cfg.eval_batch)
             labels = y[part].to(device)
             keep = torch.zeros_like(labels, dtype=torch.bool)
-            terms = self.diffusion.training_losses(
-                lambda x, s, labels=labels, keep=keep: model(x, s, labels, force_drop=keep),
-                x0[part].to(device), t[part].to(device), noise[part].to(device))
+            x0, inputs = self.prepare(images[part].to(device))
+
+            def predict(x, s, labels=labels, keep=keep, inputs=inputs):
+                return model(x, s, labels, force_drop=keep, **inputs)
+
+            terms = self.diffusion.training_losses(predict, x0, t[part].to(device),
+                                                   noise[part].to(device))
             for key in sums:
                 sums[key] += float(terms[key].sum())
-        return {key: value / max(1, x0.shape[0]) for key, value in sums.items()}
+        return {key: value / max(1, images.shape[0]) for key, value in sums.items()}
 
     def generate(self, model: nn.Module, count: int, seed: int = EVAL_SEED) -> torch.Tensor:
         """``count`` samples ``(count, 1, 28, 28)`` of labels ``0, 1, ..., 9, 0, ...`` with the
