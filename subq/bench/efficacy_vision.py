@@ -93,6 +93,45 @@ class VisionBudget:
         return cmd
 
 
+INFERENCE = "inference.json"
+INFERENCE_BATCH = 256
+
+
+def inference_speed(folder: Path, repeats: int = 5) -> float:
+    """Test-time images per second of a finished run's model: the forward of
+    ``INFERENCE_BATCH`` seeded random 28 x 28 images (eval mode, no gradient, one thread),
+    the median of ``repeats`` after one warm-up; measured once, then read from
+    ``folder/inference.json``."""
+    import time
+
+    import torch
+
+    from ..recipes.vision import load_vision_model
+
+    path = folder / INFERENCE
+    if path.exists():
+        return json.loads(path.read_text())["images_per_s"]
+    model = load_vision_model(folder)
+    images = torch.rand(INFERENCE_BATCH, 1, 28, 28,
+                        generator=torch.Generator().manual_seed(0)) * 2 - 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        with torch.no_grad():
+            for i in range(repeats + 1):
+                tic = time.perf_counter()
+                model(images)
+                if i:
+                    times.append(time.perf_counter() - tic)
+    finally:
+        torch.set_num_threads(threads)
+    speed = INFERENCE_BATCH / statistics.median(times)
+    path.write_text(json.dumps({"images_per_s": speed, "batch": INFERENCE_BATCH,
+                                "repeats": repeats, "threads": 1}) + "\n")
+    return speed
+
+
 def _run_summary(folder: Path) -> dict[str, Any]:
     metrics = read_metrics(folder)
     tests = [m for m in metrics if m.get("split") == "test"]
@@ -102,6 +141,7 @@ def _run_summary(folder: Path) -> dict[str, Any]:
     return {"finished": finished, "accuracy": tests[-1]["accuracy"] if tests else None,
             "curve": [(e["step"], e["accuracy"]) for e in tests],
             "images_per_s": statistics.median(speeds) if speeds else None,
+            "inference_images_per_s": inference_speed(folder) if finished else None,
             "peak_rss_mib": max((r["max_rss_mib"] for r in rusage), default=None),
             "wall_s": sum(r["wall_s"] for r in rusage),
             "parameters": (json.loads((folder / RESULT).read_text()).get("parameters")
@@ -121,6 +161,7 @@ def collect_vision(out: Path, grid: tuple[VisionEntry, ...] = VISION_GRID
             "partial" if done else "unfinished" if runs else "missing")
         accuracies = [r["accuracy"] for r in done.values()]
         speeds = [r["images_per_s"] for r in done.values() if r["images_per_s"]]
+        inference = [r["inference_images_per_s"] for r in done.values()]
         rows.append({
             "name": entry.name, "backbone": entry.backbone, "mechanism": entry.mechanism,
             "note": entry.note, "status": status, "seeds": sorted(done),
@@ -131,6 +172,7 @@ def collect_vision(out: Path, grid: tuple[VisionEntry, ...] = VISION_GRID
             "parameters": next((r["parameters"] for r in done.values() if r["parameters"]),
                                None),
             "images_per_s": statistics.median(speeds) if speeds else None,
+            "inference_images_per_s": statistics.median(inference) if inference else None,
             "peak_rss_mib": max((r["peak_rss_mib"] for r in done.values()
                                  if r["peak_rss_mib"] is not None), default=None),
             "wall_s": sum(r["wall_s"] for r in done.values())})
@@ -169,16 +211,20 @@ def render_vision(budget: dict[str, Any], rows: list[dict[str, Any]],
         f"{budget['batch']} images (random crop and flip), AdamW lr {budget['lr']:g} (the "
         "vision recipe's warm-up, cosine and weight decay), scored on the whole test split "
         "at the end; accuracy: the mean over the entry's seeds (± their standard "
-        "deviation).", "",
-        "| backbone | parameters | test accuracy | per seed | images/s | peak RSS (MiB) | "
-        "wall (s) | status |",
-        "|---|---|---|---|---|---|---|---|"]
+        "deviation). Training images/s: the median logged throughput (one thread, runs "
+        f"sharing the machine); inference images/s: the trained model's forward on batches "
+        f"of {INFERENCE_BATCH}, one thread, median of 5, measured when the report is first "
+        "written; peak RSS: the training process's.", "",
+        "| backbone | parameters | test accuracy | per seed | training images/s | "
+        "inference images/s | peak RSS (MiB) | wall (s) | status |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -(r["accuracy"] or 0)):
         spread = f" ± {r['accuracy_std']:.4f}" if r["accuracy_std"] is not None else ""
         seeds = ", ".join(f"{a:.4f}" for _, a in sorted(r["per_seed"].items()))
         lines.append(
             f"| `{r['name']}` | {_fmt(r['parameters'], ',')} | {_fmt(r['accuracy'])}{spread} "
             f"| {seeds or '—'} | {_fmt(r['images_per_s'], ',.0f')} | "
+            f"{_fmt(r.get('inference_images_per_s'), ',.0f')} | "
             f"{_fmt(r['peak_rss_mib'], ',.0f')} | {r['wall_s']:,.0f} | {r['status']} |")
     lines += ["", "Entries:", ""] + [f"* `{r['name']}`: {r['note']}" for r in rows]
     if index_rows:

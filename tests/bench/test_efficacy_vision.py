@@ -10,6 +10,7 @@ import pytest
 
 from subq.bench.efficacy import DEFAULT_GRID, RESULT, plan, run_grid, select
 from subq.bench.efficacy_vision import (
+    INFERENCE,
     VISION_GRID,
     VISION_MARKERS,
     VisionBudget,
@@ -51,6 +52,9 @@ def test_a_tiny_grid_trains_the_teacher_first_then_distils_it(tmp_path):
     assert rows["gm+distill"]["status"] == "finished"
     assert 0.0 <= rows["gm+distill"]["accuracy"] <= 1.0
     assert rows["vit"]["parameters"] > 0
+    assert rows["vit"]["inference_images_per_s"] > 0  # measured once, then kept in the run
+    kept = json.loads((out / "runs" / "vit-s0" / INFERENCE).read_text())
+    assert kept["images_per_s"] == rows["vit"]["inference_images_per_s"]
     saved = json.loads((out / "runs" / "gm+distill-s0" / RESULT).read_text())
     assert saved["entry"]["teacher"] == "cnn"
     docs = tmp_path / "docs"
