@@ -1,4 +1,5 @@
-"""Shared test helpers: relative RMS error, random inputs, calls with a mechanism's options."""
+"""Shared test helpers: relative RMS error, random inputs, calls with a mechanism's options, a
+diffusion model that knows its x_0."""
 
 from __future__ import annotations
 
@@ -50,3 +51,17 @@ def run(fn_name: str, mech: Mechanism, pattern: Pattern, q, k, v, **kwargs):
     options = call_options(mech, q, k, v)
     options.update(kwargs)
     return fn(q, k, v, method=mech.name, causal=pattern.causal, cross=pattern.cross, **options)
+
+
+def diffusion_oracle(diffusion, x0: torch.Tensor):
+    """``model_fn(x, t)`` that knows ``x0``: the noise that explains ``x_t`` under ``diffusion``
+    (a possibly respaced :class:`~subq.recipes.gaussian_diffusion.GaussianDiffusion`, called
+    with its original timesteps), with the variance output ``v = -1``."""
+    inverse = {int(s): i for i, s in enumerate(diffusion.timestep_map)}
+
+    def model_fn(x, t):
+        own = torch.tensor([inverse[int(s)] for s in t])
+        eps = diffusion.eps_from_x0(x, own, x0)
+        return torch.cat([eps, -torch.ones_like(eps)], dim=1)
+
+    return model_fn

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -74,27 +74,13 @@ def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
 @dataclass
 class BridgeTaskConfig:
     """The bridge of one resolution: ``base`` (a ``subq train dit --attention softmax``
-    run) and the :class:`~subq.models.scale_dit.ScaleDiTConfig` fields it trains with."""
+    run) and the Scale-DiT geometry it trains with (``scale``)."""
 
     base: str = ""
-    resolution: int = 56
-    attention: str = "hierarchical_local"
-    window: int = 8
-    radius: int = 4
-    lo_radius: int = 2
-    reach: int = 1
-    order: str = "window_first"
-    positions: str = "anchors"
-    ntk_factor: float = 10.0
-    rank: int = 16
-    alpha: float = 16.0
+    scale: ScaleDiTConfig = field(default_factory=ScaleDiTConfig)
     data: str | None = None
     eval_images: int = 500
     eval_batch: int = 100
-
-    def scale_config(self) -> ScaleDiTConfig:
-        names = {f.name for f in fields(ScaleDiTConfig)}
-        return ScaleDiTConfig(**{k: v for k, v in asdict(self).items() if k in names})
 
 
 class BridgeTask(DiffusionTask):
@@ -110,21 +96,21 @@ class BridgeTask(DiffusionTask):
         self.cfg, self.seed = cfg, seed
         self.base_model, base_task = load_dit_run(cfg.base)
         self.model_config = self.base_model.cfg
-        self.scale = cfg.scale_config()
+        self.scale = cfg.scale
         self.scale.check(self.model_config)
         self.load_data(cfg.data, base_task["diffusion_steps"])
         self.teacher = None
 
     @property
     def resolution(self) -> int:
-        return self.cfg.resolution
+        return self.scale.resolution
 
     def prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return upsample(images, self.cfg.resolution), {"lo": images}
+        return upsample(images, self.scale.resolution), {"lo": images}
 
     def config(self) -> dict[str, Any]:
         return {**asdict(self.cfg), "model": asdict(self.model_config),
-                "scale": asdict(self.scale), "dataset": self.dataset.source}
+                "dataset": self.dataset.source}
 
     def build_model(self) -> nn.Module:
         return ScaleDiT.from_dit(self.base_model, self.scale)
@@ -132,21 +118,22 @@ class BridgeTask(DiffusionTask):
     def evaluate(self, model: nn.Module) -> list[dict[str, Any]]:
         count = min(self.cfg.eval_images or self.test_images.shape[0],
                     self.test_images.shape[0])
-        return [{"split": "test", "images": count, "resolution": self.cfg.resolution,
+        return [{"split": "test", "images": count, "resolution": self.resolution,
                  **self.held_out_loss(model)}]
 
 
 def train_bridge(cfg: BridgeTaskConfig, trainer: TrainerConfig) -> dict[str, Any]:
     """Train (or resume) one bridge; the trainer's summary (empty on other ranks)."""
+    size = cfg.scale.resolution
     if not trainer.out:
-        trainer = replace(trainer, out=f"runs/scale-dit/bridge-{cfg.resolution}")
+        trainer = replace(trainer, out=f"runs/scale-dit/bridge-{size}")
     task = BridgeTask(cfg, trainer.seed)
 
     def describe(params: int) -> str:
         model = ScaleDiT(task.model_config, task.scale)
         lora = sum(p.numel() for p in model.lora_parameters())
-        return (f"scale-dit bridge at {cfg.resolution}x{cfg.resolution} on {cfg.base}: "
-                f"{lora:,} LoRA parameters trained of {params:,}; {cfg.attention} attention; "
+        return (f"scale-dit bridge at {size}x{size} on {cfg.base}: {lora:,} LoRA parameters "
+                f"trained of {params:,}; {cfg.scale.attention} attention; "
                 f"{task.dataset.source}; out {trainer.out}")
 
     return train_task(task, trainer, describe)
@@ -206,14 +193,11 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p = train_subparsers(subparsers).add_parser(
         "scale-dit", help="Scale-DiT's LoRA bridge: a trained DiT sampling at 2x / 4x")
     p.add_argument("--base", required=True, help="a `subq train dit --attention softmax` run")
-    p.add_argument("--resolution", type=int, default=defaults.resolution)
-    p.add_argument("--attention", choices=SCALE_ATTENTIONS, default=defaults.attention)
-    for name in ("window", "radius", "lo_radius", "reach", "rank"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    p.add_argument("--order", choices=ORDERS, default=defaults.order)
-    p.add_argument("--positions", choices=POSITIONS, default=defaults.positions)
-    p.add_argument("--ntk-factor", type=float, default=defaults.ntk_factor)
-    p.add_argument("--alpha", type=float, default=defaults.alpha)
+    choices = {"attention": SCALE_ATTENTIONS, "order": ORDERS, "positions": POSITIONS}
+    for f in fields(ScaleDiTConfig):  # the geometry: --resolution, --window, --radius, ...
+        default = getattr(defaults.scale, f.name)
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(default),
+                       choices=choices.get(f.name), default=default)
     p.add_argument("--data", default=None, help="the Fashion-MNIST idx folder")
     p.add_argument("--eval-images", type=int, default=defaults.eval_images)
     p.add_argument("--eval-batch", type=int, default=defaults.eval_batch)
@@ -222,7 +206,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = BridgeTaskConfig(**{f.name: getattr(args, f.name) for f in fields(BridgeTaskConfig)})
+    scale = ScaleDiTConfig(**{f.name: getattr(args, f.name) for f in fields(ScaleDiTConfig)})
+    cfg = BridgeTaskConfig(base=args.base, scale=scale, data=args.data,
+                           eval_images=args.eval_images, eval_batch=args.eval_batch)
     result = train_bridge(cfg, trainer_config(args))
     if result:
         evals = ", ".join(f"{k} {v:.4f}" for e in result["evals"] for k, v in e.items()

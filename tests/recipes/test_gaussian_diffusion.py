@@ -19,6 +19,7 @@ from subq.recipes.gaussian_diffusion import (
     linear_betas,
     normal_kl,
 )
+from tests.helpers import diffusion_oracle
 
 T = 50
 F64 = torch.float64
@@ -131,24 +132,12 @@ def test_respacing_keeps_abar_and_maps_timesteps(diffusion):
         diffusion.respaced(T + 1)
 
 
-def _oracle(diffusion: GaussianDiffusion, x0: torch.Tensor):
-    """A model that knows x_0: the noise that explains x_t, with v = -1."""
-    inverse = {int(s): i for i, s in enumerate(diffusion.timestep_map)}
-
-    def model_fn(x, t):
-        own = torch.tensor([inverse[int(s)] for s in t])
-        eps = diffusion.eps_from_x0(x, own, x0)
-        return torch.cat([eps, -torch.ones_like(eps)], dim=1)
-
-    return model_fn
-
-
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 @pytest.mark.parametrize("steps", [T, 7])
 def test_an_oracle_model_samples_its_x0(diffusion, sampler, steps):
     x0 = (torch.rand(3, 1, 4, 4, dtype=F64) * 1.8 - 0.9)
     process = diffusion.respaced(steps)
-    out = sample(process, _oracle(process, x0), tuple(x0.shape), seed=1, sampler=sampler,
+    out = sample(process, diffusion_oracle(process, x0), tuple(x0.shape), seed=1, sampler=sampler,
                  dtype=F64)
     torch.testing.assert_close(out, x0, rtol=1e-8, atol=1e-8)
 

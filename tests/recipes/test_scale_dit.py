@@ -20,6 +20,7 @@ from subq.recipes.lit import load_dit
 from subq.recipes.scale_dit import generate_high_res, load_bridge, upsample
 from subq.recipes.trainer import read_metrics
 from tests.fashion_data import write_tiny_fashion_mnist
+from tests.helpers import diffusion_oracle
 
 F64 = torch.float64
 
@@ -48,23 +49,12 @@ def bridge(data, base, tmp_path_factory):
     return out
 
 
-def _oracle(diffusion: GaussianDiffusion, x0: torch.Tensor):
-    inverse = {int(s): i for i, s in enumerate(diffusion.timestep_map)}
-
-    def model_fn(x, t):
-        own = torch.tensor([inverse[int(s)] for s in t])
-        eps = diffusion.eps_from_x0(x, own, x0)
-        return torch.cat([eps, -torch.ones_like(eps)], dim=1)
-
-    return model_fn
-
-
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_sdedit_start_runs_the_last_steps_to_the_model_s_x0(sampler):
     process = GaussianDiffusion.linear(50).respaced(10)
     init = torch.rand(2, 1, 4, 4, dtype=F64) * 1.8 - 0.9
     target = torch.rand(2, 1, 4, 4, dtype=F64) * 1.8 - 0.9
-    out = sample(process, _oracle(process, target), (2, 1, 4, 4), seed=2, sampler=sampler,
+    out = sample(process, diffusion_oracle(process, target), (2, 1, 4, 4), seed=2, sampler=sampler,
                  dtype=F64, init=init, steps=4)
     torch.testing.assert_close(out, target, rtol=1e-8, atol=1e-8)
     calls = []
