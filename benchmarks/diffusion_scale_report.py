@@ -22,7 +22,8 @@ from subq.models.scale_dit import ScaleDiT, ScaleDiTConfig
 from subq.recipes.summary import summarise
 
 MARKERS = ("<!-- scale-dit-report:start -->", "<!-- scale-dit-report:end -->")
-SHOWN_PER_CLASS = 4
+SHOWN_WIDTH = 240
+"""Grids in the docs keep as many samples per class as fit this many pixels (at least one)."""
 
 
 def collect(folder: Path) -> dict[str, Any]:
@@ -101,12 +102,12 @@ def render(data: dict[str, Any], images: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def crop_grid(source: Path, target: Path, per_class: int) -> None:
-    """The first ``per_class`` columns of a grid (one row per class)."""
+def crop_grid(source: Path, target: Path, width: int) -> None:
+    """The first columns of a grid (one row per class) that fit ``width`` pixels."""
     pixels = numpy.array(Image.open(source))
     tile = pixels.shape[0] // 10
     target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels[:, :per_class * tile]).save(target)
+    Image.fromarray(pixels[:, :max(1, width // tile) * tile]).save(target)
 
 
 def main() -> None:
@@ -121,7 +122,7 @@ def main() -> None:
         docs = Path(args.docs)
         for name in data["samples"]:
             target = docs / "img" / f"scale_dit_{name}.png"
-            crop_grid(folder / f"{name}.png", target, SHOWN_PER_CLASS)
+            crop_grid(folder / f"{name}.png", target, SHOWN_WIDTH)
             images[name] = f"img/{target.name}"
         (docs / "data").mkdir(parents=True, exist_ok=True)
         (docs / "data" / "scale_dit.json").write_text(json.dumps(data, indent=1) + "\n")
