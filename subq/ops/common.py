@@ -59,15 +59,32 @@ def fused_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out, lse
 
 
-def fused_kernel_applies(q: torch.Tensor, v: torch.Tensor, *others: torch.Tensor | None
-                         ) -> bool:
+def fused_kernel_applies(q: torch.Tensor, v: torch.Tensor, *others: torch.Tensor | None,
+                         differentiable: bool = False) -> bool:
     """Whether :func:`fused_attention_with_lse` may serve a call: CPU, equal query and value
-    head dims (the kernel's constraint), no gradient to carry through any of the tensors (its
-    log-sum-exp has none) and not under ``torch.compile``."""
+    head dims (the kernel's constraint), not under ``torch.compile``, and no gradient to carry
+    through any of the tensors (its log-sum-exp has none) unless the caller is
+    ``differentiable`` (it brings its own backward, e.g. through
+    :func:`fused_attention_backward`)."""
     tensors = [x for x in (q, v, *others) if x is not None]
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
-    return (q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and not needs_grad
-            and not torch.compiler.is_compiling())
+    return (q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+            and (differentiable or not needs_grad) and not torch.compiler.is_compiling())
+
+
+def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+                             causal: bool = False, attn_mask: torch.Tensor | None = None,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch's CPU flash backward of :func:`fused_attention_with_lse`: ``(dq, dk, dv)`` from
+    ``grad_out`` and the forward's ``lse``. The kernel recomputes ``P = exp(S - lse)`` and
+    forms ``dS = P (dO V^T - rowsum(dO o))`` with ``o = out``, so passing another ``out``
+    shifts the row term; that is how a caller adds a gradient reaching the log-sum-exp
+    (``dS += P g_lse`` is ``rowsum(dO out') = rowsum(dO o) - g_lse``)."""
+    tensors = (grad_out, q, k, v, out)
+    grad_out, q, k, v, out = (x if x.stride(-1) == 1 else x.contiguous() for x in tensors)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=attn_mask, scale=scale)
 
 
 def merge_weights(lses: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -34,6 +34,7 @@ from ..registry import ALL_PATTERNS, Mechanism, Option
 from . import masks
 from .common import (
     accumulation_dtype,
+    fused_attention_backward,
     fused_attention_with_lse,
     fused_kernel_applies,
     new_empty,
@@ -114,9 +115,9 @@ def ntk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     keys = repeat_kv(k, groups).to(acc)
     values = repeat_kv(v, groups).to(acc)
     prefix_num, prefix_den = _prefix_terms(q, dv, z, kz, acc)
-    if fused_kernel_applies(q, v, k, z, kz):
-        return _with_fused_softmax(q, keys, values, causal and not cross, scale,
-                                   key_padding_mask, prefix_num, prefix_den).to(q.dtype)
+    if fused_kernel_applies(q, v, k, z, kz, differentiable=True):
+        return _fused(q.to(acc), keys, values, causal and not cross, scale, key_padding_mask,
+                      prefix_num, prefix_den).to(q.dtype)
     key_ok = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
     out = new_empty(batch, q_heads, lq, dv, like=q)
     for start in range(0, lq, _BLOCK_ROWS):
@@ -141,35 +142,66 @@ def ntk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     return out
 
 
-def _with_fused_softmax(q, keys, values, causal, scale, key_padding_mask, prefix_num,
-                        prefix_den) -> torch.Tensor:
-    """The inference form: the input part by torch's fused kernel, which returns the softmax
-    output ``o_i`` and its log-sum-exp ``l_i = log sum_j exp(s_ij)``, so that with
-    ``M_i = max(l_i, log(phi(q_i)^T |k|))``
-
-        out_i = (o_i e^(l_i - M_i) + phi(q_i)^T Z e^(-M_i))
-              / (e^(l_i - M_i) + phi(q_i)^T |k| e^(-M_i))
-
-    exactly (``o_i e^(l_i)`` is the input part's numerator, ``e^(l_i)`` its denominator): the
-    cost of dense attention plus O(L d dv), no score matrix. A row that sees no key has
-    ``l_i = -inf`` and takes the prefix alone."""
-    acc = keys.dtype
-    bias = None
+def _fused(q, keys, values, causal, scale, key_padding_mask, prefix_num, prefix_den
+           ) -> torch.Tensor:
+    """The fused form (:class:`_FusedNTK`) with the key padding as an additive bias and the
+    rows that see no key marked, for the merge."""
+    bias = empty = None
     if key_padding_mask is not None:
-        bias = torch.zeros(key_padding_mask.shape, dtype=acc, device=q.device).masked_fill(
-            key_padding_mask, float("-inf"))[:, None, None, :]
-    o, lse = fused_attention_with_lse(q.to(acc), keys, values, causal=causal, attn_mask=bias,
-                                      scale=scale)
-    if key_padding_mask is not None:
+        bias = torch.zeros(key_padding_mask.shape, dtype=keys.dtype, device=q.device
+                           ).masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
+        seen = ~key_padding_mask
+        visible = seen.cumsum(-1) if causal else seen.sum(-1, keepdim=True).expand(
+            -1, q.shape[2])
+        empty = (visible[:, :q.shape[2]] == 0)[:, None]
+    return _FusedNTK.apply(q, keys, values, prefix_num, prefix_den, causal, scale, bias, empty)
+
+
+class _FusedNTK(torch.autograd.Function):
+    """NTK-Attention at the cost of dense attention, forward and backward. The input part is
+    torch's fused kernel, which returns the softmax output ``o_i`` and its log-sum-exp ``l_i``
+    (``o_i e^(l_i)`` is the input part's numerator, ``e^(l_i)`` its denominator), so with
+    ``n_i = phi(q_i)^T Z`` and ``d_i = phi(q_i)^T |k|``
+
+        out_i = (o_i e^(l_i) + n_i) / (e^(l_i) + d_i)
+
+    exactly (computed with the shift ``max(l_i, log d_i)``; a row that sees no key has
+    ``l_i = -inf`` and takes the prefix alone). Backward, with ``g = dL/dout`` and
+    ``a_i = e^(l_i) / (e^(l_i) + d_i)``: ``dL/do = a g``, ``dL/dl = a g . (o - out)``,
+    ``dL/dn = g / (e^l + d)``, ``dL/dd = -(g . out) / (e^l + d)``. The kernel's backward takes
+    ``dO = a g`` and forms ``dS = P (dO V^T - rowsum(dO o))``; the log-sum-exp's gradient adds
+    ``P dL/dl`` to ``dS``, and ``rowsum(dO o) - dL/dl = a g . out``: the same backward call with
+    ``out`` in place of ``o`` (:func:`fused_attention_backward`). No score matrix is kept or
+    formed, so time and memory are dense attention's plus O(L d dv)."""
+
+    @staticmethod
+    def forward(ctx, q, keys, values, prefix_num, prefix_den, causal, scale, bias, empty):
+        o, lse = fused_attention_with_lse(q, keys, values, causal=causal, attn_mask=bias,
+                                          scale=scale)
         # The kernel gives a row that sees no key o = 0, lse = 0; such a row must weigh 0.
-        visible = (~key_padding_mask).cumsum(-1) if causal else (~key_padding_mask).sum(
-            -1, keepdim=True).expand(-1, q.shape[2])
-        lse = lse.masked_fill((visible[:, :q.shape[2]] == 0)[:, None], float("-inf"))
-    shift = torch.maximum(lse, prefix_den.log())
-    shift = shift.masked_fill(torch.isinf(shift), 0.0)
-    weight, rescale = torch.exp(lse - shift), torch.exp(-shift)
-    return _divide(o * weight[..., None] + prefix_num * rescale[..., None],
-                   weight + prefix_den * rescale)
+        seen = lse if empty is None else lse.masked_fill(empty, float("-inf"))
+        shift = torch.maximum(seen, prefix_den.log())
+        shift = shift.masked_fill(torch.isinf(shift), 0.0)
+        weight, rescale = torch.exp(seen - shift), torch.exp(-shift)
+        den = weight + prefix_den * rescale
+        out = _divide(o * weight[..., None] + prefix_num * rescale[..., None], den)
+        ctx.save_for_backward(q, keys, values, lse, out, weight, rescale, den, bias)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, keys, values, lse, out, weight, rescale, den, bias = ctx.saved_tensors
+        nothing = den == 0  # _divide's rows: out = numerator, den takes no gradient
+        safe = den.masked_fill(nothing, 1.0)
+        grad_o = grad * (weight / safe)[..., None]
+        dq, dk, dv = fused_attention_backward(grad_o, q, keys, values, out, lse,
+                                              causal=ctx.causal, attn_mask=bias,
+                                              scale=ctx.scale)
+        share = rescale / safe
+        grad_num = grad * share[..., None]
+        grad_den = (-(grad * out).sum(-1) * share).masked_fill(nothing, 0.0)
+        return dq, dk, dv, grad_num, grad_den, None, None, None, None
 
 
 def _allowed(lq, lk, causal, cross, key_padding_mask, device):

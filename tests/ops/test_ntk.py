@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import subq
+from subq.ops import ntk
 from subq.ops.ntk import feature_map, ntk_attention, prefix_summaries
 
 from ..helpers import random_qkv, rel_rms
@@ -99,3 +100,29 @@ def test_gradients_reach_the_summaries():
     kz = (torch.rand(1, 2, 4, dtype=torch.float64) + 0.5).requires_grad_()
     assert torch.autograd.gradcheck(
         lambda z, kz: ntk_attention(q, k, v, causal=True, z=z, kz=kz), (z, kz))
+
+
+def test_training_keeps_no_score_matrix():
+    """With gradients the fused form saves only O(L) tensors for the backward (inputs, the
+    output, log-sum-exps), never a block of the L x L scores (issue 22): the backward is the
+    fused kernel's own, and its gradients are the reference's."""
+    length, heads, dim = 1024, 2, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, heads, length, dim, generator=g, requires_grad=True)
+               for _ in range(3))
+    z = (0.1 * torch.randn(1, heads, dim, dim, generator=g)).requires_grad_()
+    kz = (0.1 * torch.randn(1, heads, dim, generator=g)).requires_grad_()
+    sizes = []
+
+    def pack(tensor):
+        sizes.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = subq.attention(q, k, v, method="ntk", causal=True, z=z, kz=kz)
+    assert max(sizes) <= heads * length * dim
+    grads = torch.autograd.grad(out, (q, k, v, z, kz), torch.ones_like(out))
+    ref = torch.autograd.grad(ntk.reference(q, k, v, causal=True, z=z, kz=kz), (q, k, v, z, kz),
+                              torch.ones_like(out))
+    for name, a, b in zip(["q", "k", "v", "z", "kz"], grads, ref, strict=True):
+        assert rel_rms(b, a) <= 1e-5, name
