@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,6 @@ def inference_speed(folder: Path, repeats: int = 5) -> float:
     ``INFERENCE_BATCH`` seeded random 28 x 28 images (eval mode, no gradient, one thread),
     the median of ``repeats`` after one warm-up; measured once, then read from
     ``folder/inference.json``."""
-    import time
-
     import torch
 
     from ..recipes.vision import load_vision_model

@@ -50,6 +50,14 @@ def save_png(pixels: torch.Tensor, path: str | Path) -> None:
     Image.fromarray(pixels.numpy()).save(path)  # 2-D uint8: greyscale
 
 
+def save_class_grid(images: torch.Tensor, classes: int, path: str | Path) -> None:
+    """``images`` whose labels cycle ``0, 1, ..., classes - 1, 0, ...`` as a PNG grid with
+    class ``c`` in row ``c``."""
+    per_class = images.shape[0] // classes
+    by_class = images.reshape(per_class, classes, *images.shape[1:]).transpose(0, 1)
+    save_png(image_grid(by_class.reshape(images.shape), classes), path)
+
+
 def sample_grid(checkpoint: str, out: str, *, per_class: int = 10, steps: int = 50,
                 sampler: str = "ddim", cfg_scale: float = 1.0, seed: int = EVAL_SEED,
                 fid_classifier: str | None = None, fid_samples: int = 1000,
@@ -68,8 +76,7 @@ def sample_grid(checkpoint: str, out: str, *, per_class: int = 10, steps: int = 
     images = generate(model, diffusion, count, steps=steps, sampler=sampler,
                       cfg_scale=cfg_scale, seed=seed)
     seconds = time.perf_counter() - tic
-    by_class = images.reshape(per_class, cfg.num_classes, *images.shape[1:]).transpose(0, 1)
-    save_png(image_grid(by_class.reshape(images.shape), cfg.num_classes), out)
+    save_class_grid(images, cfg.num_classes, out)
     record: dict[str, Any] = {
         "checkpoint": str(checkpoint), "attention": cfg.attention, "samples": count,
         "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed,
@@ -106,7 +113,7 @@ def sample_high_res_grid(checkpoint: str, out: str, *, resolution: int,
     low-resolution guides (one draw of ``max(grid, fid_samples)`` samples serves both)."""
     from ..bench.memory import peak_bytes
     from ..models.scale_dit import ScaleDiT, ScaleDiTConfig
-    from .scale_dit import REFINE_FRACTION, downsample, generate_high_res, load_bridge
+    from .scale_dit import downsample, generate_high_res, high_res_steps, load_bridge
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base, task = load_dit_run(checkpoint, device)
@@ -131,14 +138,12 @@ def sample_high_res_grid(checkpoint: str, out: str, *, resolution: int,
 
     peak = peak_bytes(work, device)
     low, high = drawn["low"], drawn["high"]
-    grid = high[:shown].reshape(per_class, cfg.num_classes, *high.shape[1:]).transpose(0, 1)
-    save_png(image_grid(grid.reshape(shown, *high.shape[1:]), cfg.num_classes), out)
-    high_steps = steps if not guidance else (
-        round(REFINE_FRACTION * steps) if refine_steps is None else refine_steps)
+    save_class_grid(high[:shown], cfg.num_classes, out)
     record: dict[str, Any] = {
         "checkpoint": str(checkpoint), "bridge": bridge, "scale": asdict(model.cfg),
         "guidance": guidance, "samples": count, "sampler": sampler, "steps": steps,
-        "high_res_steps": high_steps, "cfg_scale": cfg_scale, "seed": seed, "batch": batch,
+        "high_res_steps": high_res_steps(steps, refine_steps, guidance),
+        "cfg_scale": cfg_scale, "seed": seed, "batch": batch,
         "device": str(device), "seconds": drawn["seconds"], "peak_memory_mib": peak / 2**20}
     if fid_classifier:
         from .frechet import fid_fmnist, load_feature_classifier, reference_statistics

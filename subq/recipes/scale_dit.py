@@ -151,6 +151,17 @@ def load_bridge(checkpoint: str | os.PathLike, base: DiT, **overrides: Any) -> S
     return model.eval()
 
 
+def high_res_steps(steps: int, refine_steps: int | None, guidance: bool = True) -> int:
+    """How many steps the high-resolution pass runs: ``refine_steps`` (default
+    ``round(REFINE_FRACTION * steps)``) with the guide, every step without it."""
+    if not guidance:
+        return steps
+    refine = round(REFINE_FRACTION * steps) if refine_steps is None else refine_steps
+    if not 1 <= refine <= steps:
+        raise ValueError(f"refine_steps must be in [1, steps = {steps}], got {refine}")
+    return refine
+
+
 @torch.no_grad()
 def generate_high_res(base: DiT, model: ScaleDiT, diffusion: GaussianDiffusion, count: int, *,
                       steps: int, refine_steps: int | None = None, guidance: bool = True,
@@ -160,9 +171,7 @@ def generate_high_res(base: DiT, model: ScaleDiT, diffusion: GaussianDiffusion, 
     (``None`` without ``guidance``) and at the model's, by the module docstring's pipeline;
     ``refine_steps`` defaults to ``round(REFINE_FRACTION * steps)``."""
     cfg = model.base
-    refine = round(REFINE_FRACTION * steps) if refine_steps is None else refine_steps
-    if not 1 <= refine <= steps:
-        raise ValueError(f"refine_steps must be in [1, steps = {steps}], got {refine}")
+    refine = high_res_steps(steps, refine_steps, guidance)
     device = next(model.parameters()).device
     process = diffusion.respaced(steps)
     labels = torch.arange(count) % cfg.num_classes
@@ -219,4 +228,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["REFINE_FRACTION", "BridgeTask", "BridgeTaskConfig", "downsample",
-           "generate_high_res", "load_bridge", "train_bridge", "upsample"]
+           "generate_high_res", "high_res_steps", "load_bridge", "train_bridge", "upsample"]
