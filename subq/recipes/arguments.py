@@ -21,6 +21,7 @@ _HELP = {
     "ema": "decay of the weights' moving average that evaluations score (0 = off)",
     "bf16": "bfloat16 autocast",
     "eval_every": "evaluate every K steps (0 = at the end only)",
+    "eval_first": "evaluate before the first step too (the starting point of a fine-tune)",
     "checkpoint_every": "checkpoint every K steps (0 = at the end only)",
     "time_limit": "stop (with a checkpoint) after this many seconds; --resume continues",
     "resume": "continue the run in --out from its checkpoint (a fresh start when none)",

@@ -31,7 +31,9 @@ it equals one process's loss on the same global batch.
 
 ``OUT/metrics.jsonl``: one JSON object per line: ``{"step", "loss", "lr", "tokens_per_s"}``
 every ``log_every`` steps (the rate over the training steps since the last entry, evaluation
-and checkpoints excluded), and the task's evaluation entries (``{"step", "split", ...}``).
+and checkpoints excluded), and the task's evaluation entries (``{"step", "split", ...}``):
+every ``eval_every`` steps, at the end, and with ``eval_first`` at step 0 (where a fine-tune
+starts).
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class TrainerConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
+    eval_first: bool = False
     checkpoint_every: int = 100
     time_limit: float = 0.0
     resume: bool = False
@@ -126,8 +129,8 @@ class TrainerConfig:
 
 
 #: Fields that may change between a run and its resume (they do not change the math).
-_RESUMABLE_CHANGES = {"out", "steps", "log_every", "eval_every", "checkpoint_every",
-                      "time_limit", "resume", "progress"}
+_RESUMABLE_CHANGES = {"out", "steps", "log_every", "eval_every", "eval_first",
+                      "checkpoint_every", "time_limit", "resume", "progress"}
 
 
 def lr_factor(step: int, cfg: TrainerConfig) -> float:
@@ -297,6 +300,8 @@ class Trainer:
         self.scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])
         self.step, self.seconds = saved["step"], saved["seconds"]
+        for group in self.optimizer.param_groups:  # the schedule of this run's steps
+            group["lr"] = group["initial_lr"] * lr_factor(self.step, self.cfg)
         if self.world.main:
             kept = [m for m in read_metrics(self.out) if m["step"] <= self.step]
             save_lines_atomic(self.out / METRICS, [json.dumps(m) for m in kept])
@@ -399,6 +404,8 @@ class Trainer:
         ``until`` or until ``time_limit`` seconds have passed (then checkpoint and return, to
         be resumed). Returns ``{"step", "seconds", "loss", "evals", "finished"}``."""
         self._restore()
+        if self.cfg.eval_first and self.step == 0:
+            self.evaluate()
         stop = self.cfg.steps if until is None else min(until, self.cfg.steps)
         started = time.perf_counter()
         bar = _progress_bar(self.cfg.steps, self.step, self.cfg.progress and self.world.main)

@@ -102,6 +102,17 @@ def test_resume_continues_exactly(tmp_path):
             == [{k: v for k, v in m.items() if k not in drop} for m in resumed])
 
 
+def test_resume_with_more_steps_follows_the_longer_schedule(tmp_path):
+    """A run extended at resume (``steps`` may change) takes every step after the resume at
+    the longer schedule's learning rate, the first one included."""
+    Trainer(ToyTask(), _cfg(tmp_path, steps=4)).fit()
+    Trainer(ToyTask(), _cfg(tmp_path, steps=8, resume=True)).fit()
+    logged = {m["step"]: m["lr"] for m in read_metrics(tmp_path) if "lr" in m}
+    cfg = _cfg(tmp_path, steps=8)
+    for step in range(5, 9):  # an entry logs the lr its step (0-based step - 1) used
+        assert logged[step] == pytest.approx(cfg.lr * lr_factor(step - 1, cfg), rel=1e-12)
+
+
 def test_accumulation_gives_the_same_steps(tmp_path):
     Trainer(ToyTask(), _cfg(tmp_path / "one")).fit()
     Trainer(ToyTask(), _cfg(tmp_path / "two", accumulate=2)).fit()
