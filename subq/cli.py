@@ -61,6 +61,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "subq.recipes.dit",
     "subq.recipes.scale_dit",
     "subq.recipes.sample_dit",
+    "subq.recipes.peft",
 )
 
 

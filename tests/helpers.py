@@ -1,7 +1,9 @@
 """Shared test helpers: relative RMS error, random inputs, calls with a mechanism's options, a
-diffusion model that knows its x_0."""
+diffusion model that knows its x_0, a word-level stand-in for a tokenizer."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -65,3 +67,28 @@ def diffusion_oracle(diffusion, x0: torch.Tensor):
         return torch.cat([eps, -torch.ones_like(eps)], dim=1)
 
     return model_fn
+
+
+class WordTokenizer:
+    """A stand-in for a Hugging Face tokenizer: words (with their leading space), punctuation
+    and newlines as tokens, ids on first sight (0 is the end of sequence). Words listed in
+    ``split`` encode as two tokens."""
+
+    eos_token_id = 0
+
+    def __init__(self, split: tuple[str, ...] = ()) -> None:
+        self.ids: dict[str, int] = {"<eos>": self.eos_token_id}
+        self.split = split
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        pieces = []
+        for piece in re.findall(r" ?\w+|[^\w ]|\n", text):
+            pieces += [piece[:2], piece[2:]] if piece.strip() in self.split else [piece]
+        return [self.ids.setdefault(p, len(self.ids)) for p in pieces]
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [self.encode(t) for t in texts]}
+
+    def decode(self, ids: list[int]) -> str:
+        words = {i: w for w, i in self.ids.items()}
+        return "".join(words[int(i)] for i in ids)

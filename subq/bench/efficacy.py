@@ -289,9 +289,14 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     defaults = Budget()
     p = sub.add_parser("efficacy", help="train the LM grid at equal parameters and tokens; "
                        "writes OUT/efficacy.{json,md} and plots")
-    p.add_argument("--tasks", nargs="+", choices=("lm", "vision"), default=["lm"],
+    p.add_argument("--tasks", nargs="+", choices=("lm", "vision", "peft"), default=["lm"],
                    help="lm: the byte-LM grid (OUT); vision: the Fashion-MNIST grid "
-                        "(OUT/vision) and CAB's compositional index over both")
+                        "(OUT/vision) and CAB's compositional index over both; peft: "
+                        "NTK-Attention against LoRA, prefix and full fine-tuning of SmolLM2 "
+                        "(OUT/peft, report in docs/peft.md)")
+    p.add_argument("--peft-entries", nargs="+", metavar="NAME",
+                   help="PEFT grid entries (default: all)")
+    p.add_argument("--peft-steps", type=int, default=150)
     p.add_argument("--entries", nargs="+", metavar="NAME",
                    help=f"grid entries (default: all): {[e.name for e in DEFAULT_GRID]}")
     p.add_argument("--vision-entries", nargs="+", metavar="NAME",
@@ -322,6 +327,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .efficacy_peft import PEFT_GRID, PeftBudget, write_peft_report
     from .efficacy_report import write_report
     from .efficacy_vision import VISION_GRID, VisionBudget, write_vision_report
 
@@ -336,6 +342,9 @@ def _run(args: argparse.Namespace) -> int:
         runs.append((select(args.vision_entries, VISION_GRID), VisionBudget(
             preset=args.vision_preset, steps=args.vision_steps, batch=args.vision_batch,
             data=args.data), out / "vision"))
+    if "peft" in args.tasks:
+        runs.append((select(args.peft_entries, PEFT_GRID),
+                     PeftBudget(steps=args.peft_steps, text=args.text), out / "peft"))
     for grid, budget, folder in runs:
         if not args.report_only:
             started = time.perf_counter()
@@ -344,6 +353,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{counts} in {(time.perf_counter() - started) / 60:.1f} min")
         if isinstance(budget, Budget):
             print(f"report: {write_report(folder, grid, docs)}")
+        elif isinstance(budget, PeftBudget):
+            print(f"report: {write_peft_report(folder, tuple(grid), docs)}")
         else:
             print(f"report: {write_vision_report(folder, out, tuple(grid), docs)}")
     return 0

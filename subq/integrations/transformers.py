@@ -150,15 +150,22 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     key_padding_mask = _key_padding_mask(attention_mask, key)
     lq, lk = query.shape[2], key.shape[2]
-    if dropout:
+    kv_prefix = getattr(module, "kv_prefix", None)
+    if kv_prefix is not None:
+        if method != "dense":
+            raise NotImplementedError(
+                f"a layer with a kv_prefix (prefix tuning) runs on dense attention; this one "
+                f"is patched with {method!r}")
+        out = _dense_sdpa(query, key, value, key_padding_mask, causal, scaling, dropout,
+                          prefix=kv_prefix)
+    elif dropout:
         if method != "dense":
             raise NotImplementedError(
                 f"subq attention {method!r} applies no attention dropout (only 'dense' does, "
                 f"as SDPA); got dropout={dropout} in training: set the model config's "
                 "attention dropout to 0 (attention_dropout, attention_probs_dropout_prob or "
                 "attn_pdrop, by family) to train with it")
-        out = _dense_with_dropout(query, key, value, key_padding_mask, causal, dropout,
-                                  scaling)
+        out = _dense_sdpa(query, key, value, key_padding_mask, causal, scaling, dropout)
     elif causal and lq < lk:
         out = _decode(module, method, options, query, key, value, key_padding_mask, scaling)
     else:
@@ -170,17 +177,28 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), None
 
 
-def _dense_with_dropout(query, key, value, key_padding_mask, causal, dropout, scaling):
-    """Dense attention with attention dropout, as transformers' ``sdpa`` computes it: one
-    ``F.scaled_dot_product_attention`` call with ``dropout_p``, ``is_causal`` when no padding
-    mask is needed, else a boolean mask (bottom-right causality when ``Lq < Lk``), grouped
-    heads through ``enable_gqa``; so a seeded run draws the same dropout as stock SDPA."""
+def _dense_sdpa(query, key, value, key_padding_mask, causal, scaling, dropout=0.0,
+                prefix=None):
+    """Dense attention as transformers' ``sdpa`` computes it: one
+    ``F.scaled_dot_product_attention`` call with ``dropout_p``, ``is_causal`` when no mask is
+    needed, else a boolean mask (bottom-right causality when ``Lq < Lk``), grouped heads
+    through ``enable_gqa``; so a seeded run draws the same dropout as stock SDPA. ``prefix``
+    (a ``kv_prefix`` with ``keys (1, Hkv, m, D)``, ``values (1, Hkv, m, Dv)``): those pairs
+    come first and every query sees them (prefix tuning)."""
     lq, lk = query.shape[2], key.shape[2]
     mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-    if causal and lq > 1 and (mask is not None or lq != lk):
+    if causal and lq > 1 and (mask is not None or lq != lk or prefix is not None):
         rows = torch.arange(lq, device=query.device)[:, None] + (lk - lq)
         allowed = torch.arange(lk, device=query.device)[None, :] <= rows
         mask = allowed if mask is None else mask & allowed
+    if prefix is not None:
+        batch = query.shape[0]
+        key = torch.cat([prefix.keys.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([prefix.values.to(value.dtype).expand(batch, -1, -1, -1), value],
+                          dim=2)
+        if mask is not None:
+            seen = mask.new_ones(*mask.shape[:-1], prefix.length)
+            mask = torch.cat([seen, mask], dim=-1)
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout,
         is_causal=causal and mask is None and lq > 1, scale=scaling,
@@ -278,6 +296,19 @@ def patch(model: torch.nn.Module, method: str, layers: Iterable[int] | None = No
     """
     mech = registry.get(method)
     mech.resolve_options(options)
+    chosen = chosen_modules(model, layers)
+    register()
+    for module in chosen.values():
+        module.subq_attention = (mech.name, dict(options))
+    if not str(model.config._attn_implementation).startswith(PREFIX):
+        model.set_attn_implementation(PREFIX + "dense")
+    return list(chosen)
+
+
+def chosen_modules(model: torch.nn.Module, layers: Iterable[int] | None = None
+                   ) -> dict[int, torch.nn.Module]:
+    """The attention modules of ``layers`` (all by default), ``{layer: module}`` in order;
+    ``ValueError`` naming the layers that do not exist."""
     modules = attention_modules(model)
     if not modules:
         raise ValueError("found no attention module in this model: patch() looks for "
@@ -289,12 +320,7 @@ def patch(model: torch.nn.Module, method: str, layers: Iterable[int] | None = No
     if missing:
         raise ValueError(f"layers {missing} do not exist; the model has layers "
                          f"{min(modules)}..{max(modules)}")
-    register()
-    for i in chosen:
-        modules[i].subq_attention = (mech.name, dict(options))
-    if not str(model.config._attn_implementation).startswith(PREFIX):
-        model.set_attn_implementation(PREFIX + "dense")
-    return chosen
+    return {i: modules[i] for i in chosen}
 
 
 def add_ntk_prefixes(model: torch.nn.Module, layers: Iterable[int] | None = None
@@ -327,6 +353,7 @@ def unpatch(model: torch.nn.Module, layers: Iterable[int] | None = None) -> None
         modules[i].__dict__.pop("_subq_decode", None)
         modules[i].__dict__.pop("_subq_prefill", None)
         modules[i]._modules.pop("ntk_prefix", None)
+        modules[i]._modules.pop("kv_prefix", None)
 
 
 def patched_layers(model: torch.nn.Module) -> Mapping[int, tuple[str, dict[str, Any]]]:

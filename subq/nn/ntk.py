@@ -9,7 +9,9 @@ model, and computes
 
 through ``subq.attention(method="ntk")``. :class:`NTKSelfAttention` is a multi-head self
 attention (``qkv``/``proj`` like :class:`subq.nn.dit.SoftmaxAttention`) with such a prefix;
-``subq.recipes.peft.add_ntk_attention`` swaps it into a pretrained model.
+:func:`add_ntk_attention` swaps it into a pretrained model (every multi-head self
+attention with ``qkv``, ``proj`` and ``heads``, e.g. :class:`subq.nn.dit.SoftmaxAttention`),
+freezing the rest, so only ``h (d^2 + d)`` prefix numbers per layer train.
 
 Both summaries train from the first step: the released code's ``|k|`` has zero gradient at
 ``k = 0``, so from this initialisation only ``Z`` would learn; subq's op takes the right
@@ -63,3 +65,24 @@ class NTKSelfAttention(SoftmaxAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.prefix(q, k, v, causal=self.causal)
+
+
+def add_ntk_attention(model: nn.Module, targets: tuple[type, ...] = (SoftmaxAttention,),
+                      causal: bool = False, keep_trainable: tuple[str, ...] = ()
+                      ) -> list[NTKPrefix]:
+    """Swap every ``targets`` module of ``model`` (in place) for NTK attention, freeze all
+    other parameters except those whose names start with one of ``keep_trainable`` (a task
+    head a fine-tune trains, e.g. ``("head.",)``) and return the new (trainable) prefixes."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(keep_trainable) if keep_trainable else False)
+    swaps = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children()
+             if isinstance(child, targets) and not isinstance(child, NTKSelfAttention)]
+    if not swaps:
+        raise ValueError(f"model has no attention module of type {targets} to patch")
+    prefixes = []
+    for parent, name, child in swaps:
+        patched = NTKSelfAttention.wrap(child, causal=causal)
+        setattr(parent, name, patched)
+        prefixes.append(patched.prefix)
+    return prefixes

@@ -36,6 +36,7 @@ from torch import nn
 from ..ops.hierarchical_local import Layout, hierarchical_local_attention
 from ..ops.token_order import grid_order, grid_positions
 from .dit import Mlp, merge_heads, modulate, split_heads
+from .lora import LoRALinear
 from .rope import MultiAxisRotaryEmbedding
 
 
@@ -54,23 +55,6 @@ def scale_dit_positions(layout: Layout, factor: int = 4,
         parts.append(grid[grid_order(count, width, window, layout.order, device)])
     ids = torch.cat(parts)
     return torch.cat([torch.zeros_like(ids[:, :1]), ids], dim=1)
-
-
-class LoRALinear(nn.Module):
-    """``base(x) + (alpha / rank) * B(A(x))`` where the LoRA term is switched per call."""
-
-    def __init__(self, base: nn.Linear, rank: int = 16, alpha: float = 16.0) -> None:
-        super().__init__()
-        self.base = base
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / rank)
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
-        self.scaling = alpha / rank
-
-    def forward(self, x: torch.Tensor, lora: bool = False) -> torch.Tensor:
-        out = self.base(x)
-        if lora:
-            out = out + self.scaling * (x @ self.lora_a.t()) @ self.lora_b.t()
-        return out
 
 
 class ScaleDiTBlock(nn.Module):
@@ -117,7 +101,7 @@ class ScaleDiTBlock(nn.Module):
     def lora_parameters(self) -> list[nn.Parameter]:
         """The bridge's trainable parameters (everything else stays frozen in Scale-DiT)."""
         return [p for m in (self.modulation, self.qkv, self.proj, self.mlp_out)
-                for p in (m.lora_a, m.lora_b)]
+                for p in m.lora_parameters()]
 
     def rope_base(self, layout: Layout) -> float:
         """The rotary base: ``theta * ntk_factor`` with low-res guidance (``lo_count > 0``),
@@ -142,7 +126,7 @@ class ScaleDiTBlock(nn.Module):
         mod_lo = self.modulation(self.adaLN_modulation[0](c_lo), lora=True).chunk(6, dim=-1)
         h_main = modulate(self.norm1(main), mod[0], mod[1])
         h_lo = modulate(self.norm1(lo), mod_lo[0], mod_lo[1])
-        qkv = torch.cat([self.qkv(h_main), self.qkv(h_lo, lora=True)], dim=1)
+        qkv = torch.cat([self.qkv(h_main, lora=False), self.qkv(h_lo, lora=True)], dim=1)
         q, k, v = (split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         if self.rope is not None:
             if positions is None:
@@ -155,7 +139,7 @@ class ScaleDiTBlock(nn.Module):
             att = attend(q, k, v)
         att = merge_heads(att)
         n = main.shape[1]
-        main = main + mod[2][:, None] * self.proj(att[:, :n])
+        main = main + mod[2][:, None] * self.proj(att[:, :n], lora=False)
         lo = lo + mod_lo[2][:, None] * self.proj(att[:, n:], lora=True)
         main = main + mod[5][:, None] * self._mlp(
             modulate(self.norm2(main), mod[3], mod[4]), lora=False)

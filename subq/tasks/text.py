@@ -216,13 +216,17 @@ def load_corpus(text: str | os.PathLike | None = None, *, fetch: bool = True,
 
 
 def _check_bytes(data: torch.Tensor, seq_len: int) -> None:
-    """Raise ``ValueError`` unless ``data`` is a 1-D uint8 tensor of at least seq_len + 1."""
-    if data.dim() != 1 or data.dtype != torch.uint8:
-        raise ValueError(f"data must be a 1-D uint8 tensor, got {data.dtype} {tuple(data.shape)}")
+    """Raise ``ValueError`` unless ``data`` is a 1-D integer tensor (bytes, or token ids) of
+    at least seq_len + 1 entries."""
+    if data.dim() != 1 or data.dtype.is_floating_point or data.dtype.is_complex \
+            or data.dtype == torch.bool:
+        raise ValueError(f"data must be a 1-D tensor of bytes or token ids, got {data.dtype} "
+                         f"{tuple(data.shape)}")
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if data.numel() < seq_len + 1:
-        raise ValueError(f"data has {data.numel()} bytes, fewer than seq_len + 1 = {seq_len + 1}")
+        raise ValueError(f"data has {data.numel()} entries, fewer than seq_len + 1 = "
+                         f"{seq_len + 1}")
 
 
 def _windows(data: torch.Tensor, offsets: torch.Tensor, seq_len: int
@@ -276,3 +280,18 @@ def eval_windows(data: torch.Tensor, seq_len: int, max_windows: int
 def bits_per_byte(mean_nll_nats: float) -> float:
     """Bits per byte from the mean negative log-likelihood per byte in nats: ``nats / ln 2``."""
     return mean_nll_nats / math.log(2)
+
+
+def tokenize_split(data: torch.Tensor, tokenizer) -> torch.Tensor:
+    """A split of a :class:`ByteCorpus` (documents joined by :data:`SEPARATOR`) as the token
+    ids ``(N,)`` int32 of a Hugging Face ``tokenizer``, one document after another with the
+    tokenizer's end-of-sequence id between them (bytes that are not UTF-8 are replaced)."""
+    documents = [d.decode("utf-8", "replace")
+                 for d in bytes(data.numpy()).split(SEPARATOR) if d]
+    encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for i, document in enumerate(encoded):
+        if i:
+            ids.append(tokenizer.eos_token_id)
+        ids.extend(document)
+    return torch.tensor(ids, dtype=torch.int32)

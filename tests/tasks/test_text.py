@@ -221,8 +221,11 @@ def test_sampler_and_eval_reject_short_data_and_bad_rows():
         WindowSampler(random_bytes(20), 20, seed=0)
     with pytest.raises(ValueError, match="seq_len"):
         eval_windows(random_bytes(20), 20, 4)
-    with pytest.raises(ValueError, match="uint8"):
-        WindowSampler(torch.zeros(100, dtype=torch.int64), 8, seed=0)
+    with pytest.raises(ValueError, match="bytes or token ids"):
+        WindowSampler(torch.rand(100), 8, seed=0)
+    ids = torch.randint(0, 50000, (100,), dtype=torch.int32)  # token ids sample like bytes
+    inputs, targets = WindowSampler(ids, 8, seed=0).batch(0, 4)
+    assert inputs.dtype == torch.int64 and torch.equal(inputs[:, 1:], targets[:, :-1])
     sampler = WindowSampler(random_bytes(100), 8, seed=0)
     for start, count in [(-1, 2), (3, 6), (0, 0)]:
         with pytest.raises(ValueError, match="start"):
