@@ -174,8 +174,33 @@ def render_peft(budget: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                 f"{_fmt(r.get('tokens_per_s'), ',.0f')} | "
                 f"{_fmt(r.get('peak_rss_mib'), ',.0f')} | {r['status']} |")
         lines.append("")
+    lines += prefix_length_table(rows)
     lines += ["Entries:", ""] + [f"* `{r['name']}`: {r['note']}" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def prefix_length_table(rows: list[dict[str, Any]], task: str = "lookup") -> list[str]:
+    """NTK-Attention beside prefix tuning as the prefix grows (the matched length included):
+    markdown lines, empty when the task has no prefix runs."""
+    prefixes = sorted((r for r in rows if r["task"] == task and r["method"] == "prefix"
+                       and r.get("trainable")), key=lambda r: r["trainable"])
+    ntk = [r for r in rows if r["task"] == task and r["method"] == "ntk"]
+    if not prefixes:
+        return []
+    metric, _ = SCORE[task]
+    lines = [f"### Prefix length on `{task}`: prefix tuning with m tokens against NTK-Attention",
+             "", f"| prefix | trainable | {metric.replace('_', ' ')} | s / step |",
+             "|---|---|---|---|"]
+    for r in prefixes:
+        m = r["options"].get("prefix_length", "matched")
+        lines.append(f"| m = {m} | {_fmt(r.get('trainable'), ',')} | "
+                     f"{_fmt(r.get('score'), '.3f')} | "
+                     f"{_fmt(r.get('seconds_per_step'), '.2f')} |")
+    for r in ntk:
+        lines.append(f"| NTK (any m) | {_fmt(r.get('trainable'), ',')} | "
+                     f"{_fmt(r.get('score'), '.3f')} | "
+                     f"{_fmt(r.get('seconds_per_step'), '.2f')} |")
+    return lines + [""]
 
 
 PEFT_MARKERS = ("<!-- peft-report:start -->", "<!-- peft-report:end -->")
@@ -184,10 +209,10 @@ PEFT_MARKERS = ("<!-- peft-report:start -->", "<!-- peft-report:end -->")
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     """Each task's held-out score against the step, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    from .plots import save_figure
 
     tasks = [t for t in SCORE if any(r["task"] == t and r.get("curve") for r in rows)]
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.5 * max(1, len(tasks)), 4.5),
@@ -207,13 +232,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
                        "perplexity": "held-out perplexity (log scale)"}[metric])
         if metric == "perplexity":
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.set_title(f"SmolLM2-135M, task {task}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_peft_report(out: Path, grid: tuple[PeftEntry, ...] = PEFT_GRID,

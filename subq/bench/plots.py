@@ -17,6 +17,15 @@ from .report import BASELINES, _methods, _patterns, efficiency, series  # noqa: 
 _STYLE = {"subq": "-", "peer": "--", "baseline": ":"}
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (110 dpi, the folder made) and close it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _source(results: dict, method: str) -> str:
     return next(r["source"] for r in results["rows"] if r["method"] == method)
 
