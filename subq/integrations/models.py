@@ -54,7 +54,7 @@ def load(name: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torc
     ``attn_implementation`` may name a subq mechanism (``"subq_local"``); the mechanisms are
     registered with transformers first.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .transformers import register
 
@@ -62,4 +62,11 @@ def load(name: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torc
     path = model_dir(name, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation,
                                                  dtype=dtype, **kwargs)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return model.eval(), load_tokenizer(name, cache_dir)
+
+
+def load_tokenizer(name: str, cache_dir: str | os.PathLike | None = None):
+    """The tokenizer of model ``name`` alone (no weights loaded)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir(name, cache_dir))

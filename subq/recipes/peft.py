@@ -73,11 +73,18 @@ class PeftTaskConfig:
     eval_batch: int = 16
 
 
-def load_pretrained(name: str):
-    """``(model, tokenizer)`` of a model :mod:`subq.integrations.models` knows, offline."""
+def pretrained_model(name: str) -> nn.Module:
+    """A model :mod:`subq.integrations.models` knows, loaded offline."""
     from ..integrations.models import load
 
-    return load(name)
+    return load(name)[0]
+
+
+def pretrained_tokenizer(name: str):
+    """That model's tokenizer (no weights loaded)."""
+    from ..integrations.models import load_tokenizer
+
+    return load_tokenizer(name)
 
 
 class PeftTask:
@@ -89,7 +96,7 @@ class PeftTask:
         if cfg.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
         self.cfg, self.seed = cfg, seed
-        self.tokenizer = load_pretrained(cfg.model)[1]
+        self.tokenizer = pretrained_tokenizer(cfg.model)
         if cfg.task == "lookup":
             self.lookup = KeyValueLookup(self.tokenizer, cfg.pairs, seed)
             self.held_out = self.lookup.held_out(cfg.eval_examples)
@@ -115,7 +122,7 @@ class PeftTask:
         return examples.flatten()[:length]
 
     def build_model(self) -> nn.Module:
-        model = load_pretrained(self.cfg.model)[0]
+        model = pretrained_model(self.cfg.model)
         length = self.cfg.prefix_length
         if self.cfg.method == "prefix" and length is None:
             length = matched_prefix_length(model, self.cfg.layers)

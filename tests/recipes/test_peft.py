@@ -30,9 +30,10 @@ def tiny_pretrained(monkeypatch):
     def load(name):
         model = tiny_llama(layers=2, vocab=VOCAB)
         model.load_state_dict(weights)
-        return model, tokenizer
+        return model
 
-    monkeypatch.setattr(recipe, "load_pretrained", load)
+    monkeypatch.setattr(recipe, "pretrained_model", load)
+    monkeypatch.setattr(recipe, "pretrained_tokenizer", lambda name: tokenizer)
     return load
 
 
@@ -50,7 +51,7 @@ def test_lookup_run_starts_where_the_stock_model_is_and_trains(method, tiny_pret
     result = recipe.train(cfg, _trainer(tmp_path / method))
     evals = [m for m in read_metrics(tmp_path / method) if "split" in m]
     assert [e["step"] for e in evals] == [0, 3]
-    stock, tokenizer = tiny_pretrained("")
+    stock = tiny_pretrained("")
     task = recipe.PeftTask(cfg, seed=0)
     base = recipe.lookup_scores(stock, task.held_out, 16, torch.device("cpu"))
     if method in ("ntk", "lora"):
