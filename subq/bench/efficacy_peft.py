@@ -105,6 +105,7 @@ def _run_summary(folder: Path, task: str) -> dict[str, Any]:
     finished = (folder / RESULT).exists()
     config = _saved_config(folder)
     return {"finished": finished, "score": evals[-1][metric] if finished and evals else None,
+            "nll": evals[-1]["nll"] if finished and evals else None,
             "start": evals[0][metric] if evals and evals[0]["step"] == 0 else None,
             "curve": [(e["step"], e[metric]) for e in evals],
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps) if steps
@@ -157,19 +158,23 @@ def render_peft(budget: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         if not chosen:
             continue
         label = {"exact_match": "exact match", "perplexity": "perplexity"}[metric]
+        evaluated = sorted({step for r in chosen for step, _ in r.get("curve") or []})
         lines += [f"### `{task}`: held-out {label} ({'higher' if higher else 'lower'} is "
-                  "better)", "",
-                  f"| run | trainable | {label} at step 0 | {label} at the end | s / step | "
-                  "tokens / s | peak RSS (MiB) | status |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"better) at each evaluation", "",
+                  "| run | trainable | " + " | ".join(f"step {s}" for s in evaluated)
+                  + " | final NLL (nats) | s / step | tokens / s | peak RSS (MiB) | status |",
+                  "|---|---|" + "---|" * len(evaluated) + "---|---|---|---|---|"]
         spec = ".3f" if metric == "exact_match" else ".2f"
-        ordered = sorted(chosen, key=lambda r: (r["score"] is None,
-                                                -(r["score"] or 0) if higher
-                                                else (r["score"] or 0)))
+        ordered = sorted(chosen, key=lambda r: (r.get("score") is None,
+                                                -(r.get("score") or 0) if higher
+                                                else (r.get("score") or 0),
+                                                r.get("nll") or 0))
         for r in ordered:
+            curve = dict(r.get("curve") or [])
             lines.append(
                 f"| `{r['name']}` | {_fmt(r.get('trainable'), ',')} | "
-                f"{_fmt(r.get('start'), spec)} | {_fmt(r.get('score'), spec)} | "
+                + " | ".join(_fmt(curve.get(step), spec) for step in evaluated)
+                + f" | {_fmt(r.get('nll'), '.4f')} | "
                 f"{_fmt(r.get('seconds_per_step'), '.2f')} | "
                 f"{_fmt(r.get('tokens_per_s'), ',.0f')} | "
                 f"{_fmt(r.get('peak_rss_mib'), ',.0f')} | {r['status']} |")
@@ -189,16 +194,16 @@ def prefix_length_table(rows: list[dict[str, Any]], task: str = "lookup") -> lis
         return []
     metric, _ = SCORE[task]
     lines = [f"### Prefix length on `{task}`: prefix tuning with m tokens against NTK-Attention",
-             "", f"| prefix | trainable | {metric.replace('_', ' ')} | s / step |",
-             "|---|---|---|---|"]
+             "", f"| prefix | trainable | final {metric.replace('_', ' ')} | final NLL (nats) "
+             "| s / step |", "|---|---|---|---|---|"]
     for r in prefixes:
         m = r["options"].get("prefix_length", "matched")
         lines.append(f"| m = {m} | {_fmt(r.get('trainable'), ',')} | "
-                     f"{_fmt(r.get('score'), '.3f')} | "
+                     f"{_fmt(r.get('score'), '.3f')} | {_fmt(r.get('nll'), '.4f')} | "
                      f"{_fmt(r.get('seconds_per_step'), '.2f')} |")
     for r in ntk:
         lines.append(f"| NTK (any m) | {_fmt(r.get('trainable'), ',')} | "
-                     f"{_fmt(r.get('score'), '.3f')} | "
+                     f"{_fmt(r.get('score'), '.3f')} | {_fmt(r.get('nll'), '.4f')} | "
                      f"{_fmt(r.get('seconds_per_step'), '.2f')} |")
     return lines + [""]
 

@@ -63,6 +63,7 @@ def test_a_tiny_grid_runs_collects_and_reports(tmp_path):
     text = (docs / "peft.md").read_text()
     assert "`lookup-ntk` | 1,123,200 |" in text
     assert "`lookup-lora-r2` | 115,200 |" in text
+    assert "| step 0 | step 2 | final NLL (nats) |" in text
     assert (docs / "img" / "peft_curves.png").stat().st_size > 0
     saved = json.loads((docs / "data" / "peft.json").read_text())
     assert {r["name"] for r in saved["rows"]} == {"lookup-ntk", "lookup-lora-r2"}
@@ -71,11 +72,11 @@ def test_a_tiny_grid_runs_collects_and_reports(tmp_path):
 def test_prefix_length_table_orders_prefixes_by_size_beside_ntk():
     def row(name, method, trainable, score, **options):
         return {"name": name, "task": "lookup", "method": method, "options": options,
-                "trainable": trainable, "score": score, "seconds_per_step": 1.0}
+                "trainable": trainable, "score": score, "nll": 0.5, "seconds_per_step": 1.0}
 
     rows = [row("p512", "prefix", 5_898_240, 0.5, prefix_length=512),
             row("p8", "prefix", 92_160, 0.25, prefix_length=8),
             row("ntk", "ntk", 1_123_200, 0.75)]
     lines = "\n".join(prefix_length_table(rows))
     assert lines.index("m = 8 ") < lines.index("m = 512 ") < lines.index("NTK (any m)")
-    assert "| NTK (any m) | 1,123,200 | 0.750 |" in lines
+    assert "| NTK (any m) | 1,123,200 | 0.750 | 0.5000 |" in lines
