@@ -159,11 +159,11 @@ def render_peft(budget: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             continue
         label = {"exact_match": "exact match", "perplexity": "perplexity"}[metric]
         evaluated = sorted({step for r in chosen for step, _ in r.get("curve") or []})
+        header = (["run", "trainable"] + [f"step {step}" for step in evaluated]
+                  + ["final NLL (nats)", "s / step", "tokens / s", "peak RSS (MiB)", "status"])
         lines += [f"### `{task}`: held-out {label} ({'higher' if higher else 'lower'} is "
                   f"better) at each evaluation", "",
-                  "| run | trainable | " + " | ".join(f"step {s}" for s in evaluated)
-                  + " | final NLL (nats) | s / step | tokens / s | peak RSS (MiB) | status |",
-                  "|---|---|" + "---|" * len(evaluated) + "---|---|---|---|---|"]
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         spec = ".3f" if metric == "exact_match" else ".2f"
         ordered = sorted(chosen, key=lambda r: (r.get("score") is None,
                                                 -(r.get("score") or 0) if higher
@@ -171,13 +171,12 @@ def render_peft(budget: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                                                 r.get("nll") or 0))
         for r in ordered:
             curve = dict(r.get("curve") or [])
-            lines.append(
-                f"| `{r['name']}` | {_fmt(r.get('trainable'), ',')} | "
-                + " | ".join(_fmt(curve.get(step), spec) for step in evaluated)
-                + f" | {_fmt(r.get('nll'), '.4f')} | "
-                f"{_fmt(r.get('seconds_per_step'), '.2f')} | "
-                f"{_fmt(r.get('tokens_per_s'), ',.0f')} | "
-                f"{_fmt(r.get('peak_rss_mib'), ',.0f')} | {r['status']} |")
+            cells = ([f"`{r['name']}`", _fmt(r.get("trainable"), ",")]
+                     + [_fmt(curve.get(step), spec) for step in evaluated]
+                     + [_fmt(r.get("nll"), ".4f"), _fmt(r.get("seconds_per_step"), ".2f"),
+                        _fmt(r.get("tokens_per_s"), ",.0f"),
+                        _fmt(r.get("peak_rss_mib"), ",.0f"), r["status"]])
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += prefix_length_table(rows)
     lines += ["Entries:", ""] + [f"* `{r['name']}`: {r['note']}" for r in rows]
