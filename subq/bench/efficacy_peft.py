@@ -108,6 +108,7 @@ def _run_summary(folder: Path, task: str) -> dict[str, Any]:
             "nll": evals[-1]["nll"] if finished and evals else None,
             "start": evals[0][metric] if evals and evals[0]["step"] == 0 else None,
             "curve": [(e["step"], e[metric]) for e in evals],
+            "nll_curve": [(e["step"], e["nll"]) for e in evals],
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps) if steps
             else None,
             "seconds_per_step": config.get("seconds_per_step"),
@@ -211,33 +212,44 @@ PEFT_MARKERS = ("<!-- peft-report:start -->", "<!-- peft-report:end -->")
 """Where the report goes in ``docs/peft.md``."""
 
 
+#: The plot's panels: (task, curve key, y label, log scale).
+PANELS = (("lookup", "curve", "held-out exact match", False),
+          ("lookup", "nll_curve", "held-out answer NLL (nats, log scale)", True),
+          ("domain", "curve", "held-out perplexity (log scale)", True))
+
+
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """Each task's held-out score against the step, one line per run."""
+    """Each panel of :data:`PANELS` that has a curve of two points or more, one line per run:
+    colour by method, line style by variant (the matched or default entry solid)."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
     from .plots import save_figure
 
-    tasks = [t for t in SCORE if any(r["task"] == t and r.get("curve") for r in rows)]
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.5 * max(1, len(tasks)), 4.5),
+    panels = [p for p in PANELS if any(r["task"] == p[0] and len(r.get(p[1]) or []) > 1
+                                       for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4.5),
                              squeeze=False)
     colours = {"ntk": "tab:red", "lora": "tab:blue", "prefix": "tab:green", "full": "black"}
-    for ax, task in zip(axes[0], tasks, strict=False):
-        metric, _ = SCORE[task]
+    variants = ("--", ":", "-.", (0, (1, 3)))
+    for ax, (task, key, label, log) in zip(axes[0], panels, strict=False):
+        seen: dict[str, int] = {}
         for r in rows:
-            if r["task"] != task or not r.get("curve"):
+            if r["task"] != task or len(r.get(key) or []) < 2:
                 continue
-            steps, values = zip(*r["curve"], strict=True)
-            style = "-" if not r["options"] else ("--" if "rank" in r["options"] else ":")
-            ax.plot(steps, values, style, color=colours[r["method"]], marker="o",
+            style = "-" if not r["options"] else variants[seen.get(r["method"], 0) % 4]
+            if r["options"]:
+                seen[r["method"]] = seen.get(r["method"], 0) + 1
+            steps, values = zip(*r[key], strict=True)
+            ax.plot(steps, values, linestyle=style, color=colours[r["method"]], marker="o",
                     markersize=3, label=r["name"].removeprefix(task + "-"))
         ax.set_xlabel("optimiser step")
-        ax.set_ylabel({"exact_match": "held-out exact match",
-                       "perplexity": "held-out perplexity (log scale)"}[metric])
-        if metric == "perplexity":
+        ax.set_ylabel(label)
+        if log:
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(ScalarFormatter())
+            if task == "domain":
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.set_title(f"SmolLM2-135M, task {task}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
