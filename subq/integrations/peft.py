@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..nn.lora import LoRALinear
-from .transformers import add_ntk_prefixes, chosen_modules, patch
+from .transformers import add_ntk_prefixes, attention_geometry, chosen_modules, patch
 
 METHODS = ("ntk", "lora", "prefix", "full")
 LORA_TARGETS = ("q_proj", "v_proj")
@@ -61,18 +61,9 @@ class KVPrefix(nn.Module):
         return self.keys.shape[2]
 
 
-def _geometry(model: nn.Module) -> tuple[int, int, int]:
-    """``(query heads, key-value heads, head dim)`` of a transformers config."""
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return heads, kv_heads, head_dim
-
-
 def ntk_count(model: nn.Module, layers: Iterable[int] | None = None) -> int:
     """Trainable numbers of :func:`add_ntk_prefixes` on ``layers``: ``Hq (d^2 + d)`` each."""
-    heads, _, d = _geometry(model)
+    heads, _, d = attention_geometry(model)
     return len(chosen_modules(model, layers)) * heads * (d * d + d)
 
 
@@ -95,7 +86,7 @@ def lora_count(model: nn.Module, rank: int, layers: Iterable[int] | None = None,
 
 def prefix_count(model: nn.Module, length: int, layers: Iterable[int] | None = None) -> int:
     """Trainable numbers of :func:`add_kv_prefixes`: ``2 Hkv m d`` per layer."""
-    _, kv_heads, d = _geometry(model)
+    _, kv_heads, d = attention_geometry(model)
     return len(chosen_modules(model, layers)) * 2 * kv_heads * length * d
 
 
@@ -150,7 +141,7 @@ def add_kv_prefixes(model: nn.Module, length: int, layers: Iterable[int] | None 
     if length < 1:
         raise ValueError(f"prefix length must be >= 1, got {length}")
     chosen = chosen_modules(model, layers)
-    _, kv_heads, d = _geometry(model)
+    _, kv_heads, d = attention_geometry(model)
     weight = next(model.parameters())
     if init_ids is not None:
         if init_ids.dim() != 1 or init_ids.numel() != length:

@@ -334,15 +334,23 @@ def add_ntk_prefixes(model: torch.nn.Module, layers: Iterable[int] | None = None
     the first step. Freezing the rest is the caller's choice. Returns ``{layer: prefix}``."""
     modules = attention_modules(model)
     chosen = patch(model, "ntk", layers=layers)
-    heads = model.config.num_attention_heads
+    heads, _, head_dim = attention_geometry(model)
     prefixes = {}
     for i in chosen:
         module = modules[i]
         weight = next(module.parameters())
-        head_dim = getattr(module, "head_dim", None) or model.config.hidden_size // heads
         module.ntk_prefix = NTKPrefix(heads, head_dim).to(weight.device)
         prefixes[i] = module.ntk_prefix
     return prefixes
+
+
+def attention_geometry(model: torch.nn.Module) -> tuple[int, int, int]:
+    """``(query heads, key-value heads, head dim)`` from a transformers model's config."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return heads, kv_heads, head_dim
 
 
 def unpatch(model: torch.nn.Module, layers: Iterable[int] | None = None) -> None:
