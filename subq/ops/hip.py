@@ -58,7 +58,14 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import SELF_PATTERNS, Mechanism, Option
-from .common import accumulation_dtype, fused_attention_with_lse, merge_weights, new_empty
+from .common import (
+    accumulation_dtype,
+    fused_attention_backward,
+    fused_attention_with_lse,
+    fused_kernel_applies,
+    merge_weights,
+    new_empty,
+)
 from .hip_mask import REPRESENTATIVES, search_blocks, search_iterations
 from .reference import masked_attention, masked_weights
 
@@ -212,20 +219,18 @@ def _key_layout(sel: _Blocks, *, block_k: int, sink: int, window: int, span: int
     return torch.cat((pos, win_pos), dim=1), torch.cat((ok, win_pos >= 0), dim=1)
 
 
-def _attend(q_rows, k_flat, v_flat, key_offset, layout, n_keys, window_bias, scale):
-    """Block-sparse softmax: row ``n`` (queries ``q_rows[n] (span, D)``) attends to the keys
-    at ``pos[n] (n_keys,)`` where ``ok[n]``, ``pos, ok = layout(i, j)`` for rows ``i:j``;
-    ``window_bias (span, W)`` (0 or -inf) adds causality to the last ``W`` keys. The layout is
-    built for chunks of rows; the keys are gathered, and attended by one fused SDPA call with
-    an additive mask, for sub-chunks small enough to stay in cache. A query that sees no key
-    outputs 0."""
-    rows, span, dim = q_rows.shape
-    dv = v_flat.shape[-1]
-    sub = max(1, _GATHER_ELEMENTS // (n_keys * (dim + dv + span)))
+def _sub_chunks(q_rows, key_offset, layout, n_keys, window_bias, key_width):
+    """The sub-chunks of query blocks that :func:`_attend` and :class:`_SparseAttention` attend
+    one fused call at a time: ``(a, b, index, mask)`` for blocks ``a:b``, ``index (n n_keys,)``
+    their keys' rows in the flattened keys (position 0 where a key does not count) and ``mask
+    (n, 1, span, n_keys)`` (0 or -inf: duplicates, padding, the causal cut). The layout is built
+    for chunks of about ``_CHUNK_KEYS`` (row, key) pairs, the keys gathered for sub-chunks small
+    enough to stay in cache (``key_width``: the gathered keys' and values' widths together)."""
+    rows, span, _ = q_rows.shape
+    sub = max(1, _GATHER_ELEMENTS // (n_keys * (key_width + span)))
     chunk = sub * max(1, _CHUNK_KEYS // (sub * n_keys))
     causal_bias = torch.zeros(span, n_keys, dtype=q_rows.dtype, device=q_rows.device)
     causal_bias[:, n_keys - window_bias.shape[-1]:] = window_bias
-    out = new_empty(rows, span, dv, like=q_rows)
     for i in range(0, rows, chunk):
         pos, ok = layout(i, i + chunk)
         flat = key_offset[i:i + pos.shape[0], None] + torch.where(ok, pos, 0)
@@ -234,12 +239,69 @@ def _attend(q_rows, k_flat, v_flat, key_offset, layout, n_keys, window_bias, sca
         for a in range(0, pos.shape[0], sub):
             index = flat[a:a + sub].reshape(-1)
             n = index.shape[0] // n_keys
-            keys = k_flat.index_select(0, index).view(n, 1, n_keys, dim).to(q_rows.dtype)
-            values = v_flat.index_select(0, index).view(n, 1, n_keys, dv).to(q_rows.dtype)
-            out[i + a:i + a + n] = F.scaled_dot_product_attention(
-                q_rows[i + a:i + a + n, None], keys, values,
-                attn_mask=key_bias[a:a + n] + causal_bias, scale=scale)[:, 0]
+            yield i + a, i + a + n, index, key_bias[a:a + n] + causal_bias
+
+
+def _gather(flat: torch.Tensor, index: torch.Tensor, n_keys: int, dtype) -> torch.Tensor:
+    """Rows ``index`` of ``flat (N, E)`` as ``(n, 1, n_keys, E)`` in ``dtype``."""
+    return flat.index_select(0, index).view(-1, 1, n_keys, flat.shape[-1]).to(dtype)
+
+
+def _attend(q_rows, k_flat, v_flat, key_offset, layout, n_keys, window_bias, scale):
+    """Block-sparse softmax: row ``n`` (queries ``q_rows[n] (span, D)``) attends to the keys
+    at ``pos[n] (n_keys,)`` where ``ok[n]``, ``pos, ok = layout(i, j)`` for rows ``i:j``;
+    ``window_bias (span, W)`` (0 or -inf) adds causality to the last ``W`` keys. One fused
+    SDPA call per sub-chunk (:func:`_sub_chunks`). A query that sees no key outputs 0. Under
+    autograd every sub-chunk's gathered keys and values are kept for the backward: the
+    differentiable form that keeps none is :class:`_SparseAttention`."""
+    out = new_empty(*q_rows.shape[:2], v_flat.shape[-1], like=q_rows)
+    for a, b, index, mask in _sub_chunks(q_rows, key_offset, layout, n_keys, window_bias,
+                                         k_flat.shape[-1] + v_flat.shape[-1]):
+        out[a:b] = F.scaled_dot_product_attention(
+            q_rows[a:b, None], _gather(k_flat, index, n_keys, q_rows.dtype),
+            _gather(v_flat, index, n_keys, q_rows.dtype), attn_mask=mask, scale=scale)[:, 0]
     return out
+
+
+class _SparseAttention(torch.autograd.Function):
+    """:func:`_attend` with a backward that keeps O(L D) for training (issue 22): the forward
+    saves the queries, the flattened keys and values, the output and the log-sum-exps, never a
+    gathered key or a mask; the backward rebuilds each sub-chunk's gather and mask and runs the
+    fused kernel's backward on it (which recomputes ``P = exp(S - lse)``), scattering the key
+    and value gradients back with ``index_add_`` (a key a block does not count has ``P = 0``, so
+    the zeros scattered to position 0 change nothing). CPU only (torch's flash kernel for the
+    CPU takes a float mask and returns its log-sum-exp); elsewhere :func:`_attend` serves."""
+
+    @staticmethod
+    def forward(ctx, q_rows, k_flat, v_flat, chunks, n_keys, scale):
+        rows, span, _ = q_rows.shape
+        out = new_empty(rows, span, v_flat.shape[-1], like=q_rows)
+        lse = new_empty(rows, span, like=q_rows)
+        for a, b, index, mask in chunks():
+            out[a:b, None], lse[a:b, None] = fused_attention_with_lse(
+                q_rows[a:b, None], _gather(k_flat, index, n_keys, q_rows.dtype),
+                _gather(v_flat, index, n_keys, q_rows.dtype), attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q_rows, k_flat, v_flat, out, lse)
+        ctx.chunks, ctx.n_keys, ctx.scale = chunks, n_keys, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_rows, k_flat, v_flat, out, lse = ctx.saved_tensors
+        n_keys, dtype = ctx.n_keys, q_rows.dtype
+        grad_out = grad_out.to(dtype)
+        dq = torch.zeros_like(q_rows)
+        dk = torch.zeros(k_flat.shape, dtype=dtype, device=k_flat.device)
+        dv = torch.zeros(v_flat.shape, dtype=dtype, device=v_flat.device)
+        for a, b, index, mask in ctx.chunks():
+            dq_c, dk_c, dv_c = fused_attention_backward(
+                grad_out[a:b, None], q_rows[a:b, None], _gather(k_flat, index, n_keys, dtype),
+                _gather(v_flat, index, n_keys, dtype), out[a:b, None], lse[a:b, None],
+                attn_mask=mask, scale=ctx.scale)
+            dq[a:b] = dq_c[:, 0]
+            dk.index_add_(0, index, dk_c.reshape(-1, dk.shape[-1]))
+            dv.index_add_(0, index, dv_c.reshape(-1, dv.shape[-1]))
+        return dq, dk.to(k_flat.dtype), dv.to(v_flat.dtype), None, None, None
 
 
 def _attend_split(q_rows, k, v, kv_rows, far, n_far, window, window_bias, scale):
@@ -392,6 +454,13 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         kv_rows = [(r // q_heads) * kv_heads + (r % q_heads) // groups
                    for r in range(batch * q_heads)]
         out = _attend_split(q_rows, k, v, kv_rows, far, n_far, window, bias, scale)
+    elif differentiable and fused_kernel_applies(q, v, k, differentiable=True):
+        k_flat, v_flat = k.reshape(-1, dim), v.reshape(-1, dv)
+
+        def chunks():
+            return _sub_chunks(q_rows, key_offset, layout, n_far + n_window, bias, dim + dv)
+
+        out = _SparseAttention.apply(q_rows, k_flat, v_flat, chunks, n_far + n_window, scale)
     else:
         out = _attend(q_rows, k.reshape(-1, dim), v.reshape(-1, dv), key_offset, layout,
                       n_far + n_window, bias, scale)

@@ -1,0 +1,48 @@
+"""Training memory of the chunked mechanisms (issue 22): what autograd keeps for the backward
+grows linearly in L and stays a small multiple of the inputs and the output, because the
+backward rebuilds each chunk's intermediates instead of keeping them. Measured exactly, as the
+bytes of the distinct storages the forward hands to autograd (``saved_tensors_hooks``), not
+as a timing or an allocator reading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import subq
+
+from ..helpers import random_qkv
+
+HEADS, DIM = 2, 16
+
+MECHANISMS = {"hip": {}}
+"""Mechanism and options: at L = 1024 HiP's key budget (sink, window, top-k blocks) is already
+below L, so the sparse path is the one measured."""
+
+
+def _saved_bytes(method: str, options: dict, length: int, causal: bool) -> tuple[int, int]:
+    """Bytes autograd keeps for the backward of one call, and the bytes of q, k, v and out."""
+    q, k, v = random_qkv(1, HEADS, HEADS, length, dim=DIM, dtype=torch.float32,
+                         requires_grad=True, generator=torch.Generator().manual_seed(length))
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = subq.attention(q, k, v, method=method, causal=causal, **options)
+    io_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, out))
+    return sum(storages.values()), io_bytes
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("method", sorted(MECHANISMS))
+def test_saved_for_backward_is_linear_in_length(method, causal):
+    options = MECHANISMS[method]
+    saved, io_bytes = _saved_bytes(method, options, 1024, causal)
+    saved_2x, io_bytes_2x = _saved_bytes(method, options, 2048, causal)
+    assert saved <= 4 * io_bytes, f"{saved / io_bytes:.1f}x the inputs and output"
+    assert saved_2x <= 4 * io_bytes_2x, f"{saved_2x / io_bytes_2x:.1f}x the inputs and output"
+    assert saved_2x <= 2.1 * saved, f"doubling L multiplies the saved bytes by {saved_2x / saved}"
