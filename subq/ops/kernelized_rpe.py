@@ -172,7 +172,10 @@ def kernelized_rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     v1 = torch.cat([v.to(pk.dtype), pk.new_ones(batch, kv_heads, lk, 1)], dim=-1)
     v1, pk = v1.transpose(-1, -2).contiguous(), pk.transpose(-1, -2).contiguous()
     pq = pq.view(batch, kv_heads, groups, lq, pq.shape[-1]).transpose(-1, -2)
-    numden = _toeplitz_numden(pq, pk, v1, circulant)
+    if _needs_grad(pq, pk, v1, circulant.kernel):
+        numden = _ToeplitzNumden.apply(pq, pk, v1, circulant.kernel, circulant)
+    else:
+        numden = _toeplitz_numden(pq, pk, v1, circulant)
     if grid is None:
         numden = _exact_edge_rows(numden, pq, pk, v1, c, causal)
     numden = numden.transpose(-1, -2)
@@ -296,6 +299,69 @@ def _toeplitz_numden(pq: torch.Tensor, pk: torch.Tensor, v1: torch.Tensor,
             for g in range(groups):
                 numden[:, h, g, e:e + cols] = acc[g]
     return numden
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records this call (eager mode; under ``torch.compile`` autograd traces
+    the tiles itself)."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(t.requires_grad for t in tensors))
+
+
+class _ToeplitzNumden(torch.autograd.Function):
+    """:func:`_toeplitz_numden` with a backward that keeps O(L (F + E)) for training (issue 22):
+    the forward saves ``pq``, ``pk``, ``v1`` and the circulant's real kernel ``h``, never a
+    tile's spectra; the backward recomputes each tile's transform.
+
+    With ``X_re = phi_r(K) * [V, 1]_e`` (keys), ``D_gre = C_g X_re`` and the incoming gradient
+    ``G_ge`` of ``numden_ge = sum_r phi_r(Q_g) * D_gre``, and ``Y_gre = phi_r(Q_g) * G_ge``:
+
+        d phi_r(Q_g) = sum_e G_ge * D_gre
+        d X_re       = sum_g C_g^T Y_gre                  (conj(spectrum): the adjoint)
+        d h_g        = sum_{b, r, e} Y_gre (circular cross-correlation) X_re
+
+    then ``d phi_r(K) = sum_e dX_re * [V, 1]_e`` and ``d [V, 1]_e = sum_r dX_re * phi_r(K)``:
+    per tile two forward and ``2 G`` inverse transforms, twice the forward's ``1 + G``, the
+    ratio autograd's own backward has."""
+
+    @staticmethod
+    def forward(ctx, pq, pk, v1, kernel, circulant):
+        ctx.save_for_backward(pq, pk, v1, kernel)
+        ctx.circulant = circulant
+        return _toeplitz_numden(pq, pk, v1, circulant)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pq, pk, v1, kernel = ctx.saved_tensors
+        circulant = ctx.circulant
+        batch, kv_heads, groups, features, _ = pq.shape
+        width, lk = v1.shape[2], v1.shape[-1]
+        cols = -(-width // -(-width // _COLUMNS))
+        spectrum = circulant.spectrum.detach()
+        dpq, dpk, dv1 = torch.zeros_like(pq), torch.zeros_like(pk), torch.zeros_like(v1)
+        d_spectrum = torch.zeros_like(spectrum)
+        for h in range(kv_heads):
+            hs = h if spectrum.shape[0] > 1 else 0
+            for e in range(0, width, cols):
+                vh = v1[:, h, e:e + cols]
+                grad_h = grad[:, h, :, e:e + cols]
+                for r in range(features):
+                    spec_x = circulant.transform(circulant.embed_product(pk[:, h, r, None], vh))
+                    spec_dx = 0
+                    for g in range(groups):
+                        gs = g if spectrum.shape[1] > 1 else 0
+                        s = spectrum[hs, gs]
+                        d = circulant.inverse(s * spec_x)
+                        dpq[:, h, g, r] += (grad_h[:, g] * d).sum(1)
+                        spec_y = circulant.transform(circulant.embed(
+                            pq[:, h, g, r, None] * grad_h[:, g]))
+                        spec_dx = spec_dx + s.conj() * spec_y
+                        d_spectrum[hs, gs] += (spec_y * spec_x.conj()).sum((0, 1))
+                    dx = circulant.inverse(spec_dx, length=lk)
+                    dpk[:, h, r] += (dx * vh).sum(1)
+                    dv1[:, h, e:e + cols] += dx * pk[:, h, r, None]
+        d_kernel = circulant.full_inverse(d_spectrum) if ctx.needs_input_grad[3] else None
+        return dpq, dpk, dv1, d_kernel, None
 
 
 def weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, cross: bool = False,

@@ -36,12 +36,16 @@ def fft_size(lq: int, lk: int) -> int:
     return 1 << max(lq + lk - 2, 0).bit_length()
 
 
+def circulant_column(c: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
+    """The first column ``h (..., n)`` of the circulant that embeds ``C``:
+    ``h[s] = c[Lq - 1 - s]`` at index ``s mod n``, ``s`` in ``[-(Lk - 1), Lq - 1]``, else 0."""
+    n = fft_size(lq, lk)
+    return torch.roll(F.pad(c.flip(-1), (0, n - c.shape[-1])), shifts=-(lk - 1), dims=-1)
+
+
 def toeplitz_spectrum(c: torch.Tensor, lq: int, lk: int, dtype: torch.dtype) -> torch.Tensor:
     """``rfft(h_n)`` for the diagonals ``c (..., Lq + Lk - 1)``: ``(..., n // 2 + 1)``."""
-    n = fft_size(lq, lk)
-    # h[s] = c[Lq - 1 - s] at circulant index s mod n, s in [-(Lk - 1), Lq - 1].
-    h = torch.roll(F.pad(c.flip(-1), (0, n - c.shape[-1])), shifts=-(lk - 1), dims=-1)
-    return torch.fft.rfft(h.to(dtype), n=n, dim=-1)
+    return torch.fft.rfft(circulant_column(c, lq, lk).to(dtype), n=fft_size(lq, lk), dim=-1)
 
 
 def apply_spectrum(spectrum: torch.Tensor, x: torch.Tensor, lq: int) -> torch.Tensor:
@@ -81,7 +85,11 @@ class Circulant:
     elementwise products); ``apply(spectrum, xe)`` is ``C @ x`` along the last dim for an
     embedded ``xe`` and a slice ``spectrum`` of :attr:`spectrum` that broadcasts against it,
     returning ``(..., Lq)``; ``inverse(spectrum * transform(xe))`` is the same in two steps
-    (to share one forward transform among several spectra).
+    (to share one forward transform among several spectra). The circulant of ``h`` is a real
+    matrix whose transpose has the spectrum ``conj(spectrum)``, so the adjoint ``C^T y`` of
+    queries ``y (..., Lq)`` is ``inverse(conj(spectrum) * transform(embed(y)), length=Lk)``, and
+    the gradient of ``<g, C x>`` with respect to :attr:`kernel` the circular cross-correlation
+    ``full_inverse(transform(embed(g)) * conj(transform(embed(x))))``.
     """
 
     def __init__(self, c: torch.Tensor, lq: int, lk: int, dtype: torch.dtype,
@@ -89,18 +97,22 @@ class Circulant:
         self.lq, self.lk = lq, lk
         if grid is None:
             self.grid, self.size = None, (fft_size(lq, lk),)
-            self.spectrum = toeplitz_spectrum(c, lq, lk, dtype)
-            return
-        height, width = grid
-        self.grid, self.size = grid, (2 * height, 2 * width)
-        # h[s1, s2] = c[height - 1 - s1, width - 1 - s2] at circulant index (s1, s2) mod size.
-        h = F.pad(c.flip(-1, -2), (0, 1, 0, 1))
-        h = torch.roll(h, shifts=(-(height - 1), -(width - 1)), dims=(-2, -1))
-        self.spectrum = torch.fft.rfft2(h.to(dtype), s=self.size)
+            h = circulant_column(c, lq, lk)
+        else:
+            height, width = grid
+            self.grid, self.size = grid, (2 * height, 2 * width)
+            # h[s1, s2] = c[height - 1 - s1, width - 1 - s2] at circulant index (s1, s2) mod size.
+            h = F.pad(c.flip(-1, -2), (0, 1, 0, 1))
+            h = torch.roll(h, shifts=(-(height - 1), -(width - 1)), dims=(-2, -1))
+        self.kernel = h.to(dtype)
+        """The circulant's first column (1-D) or block (2-D), real: ``(..., *size)``."""
+        self.spectrum = self.transform(self.kernel)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys ``x (..., Lk)`` (or, for the adjoint ``C^T``, queries ``(..., Lq)``) zero-padded
+        to the circulant's layout: both start at index 0."""
         if self.grid is None:
-            return F.pad(x, (0, self.size[0] - self.lk))
+            return F.pad(x, (0, self.size[0] - x.shape[-1]))
         height, width = self.grid
         return F.pad(x.unflatten(-1, self.grid), (0, width, 0, height))
 
@@ -125,13 +137,22 @@ class Circulant:
             return torch.fft.rfft(xe, n=self.size[0], dim=-1, out=out)
         return torch.fft.rfft2(xe, s=self.size, out=out)
 
-    def inverse(self, product: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Inverse of :meth:`transform`, cropped to the queries: ``(..., Lq)``."""
+    def inverse(self, product: torch.Tensor, out: torch.Tensor | None = None,
+                length: int | None = None) -> torch.Tensor:
+        """Inverse of :meth:`transform`, cropped to the queries: ``(..., Lq)`` (``length``:
+        to its first ``length`` positions instead, e.g. ``Lk`` for the adjoint ``C^T``)."""
+        length = self.lq if length is None else length
         if self.grid is None:
-            return torch.fft.irfft(product, n=self.size[0], dim=-1, out=out)[..., :self.lq]
-        height, width = self.grid
+            return torch.fft.irfft(product, n=self.size[0], dim=-1, out=out)[..., :length]
+        height, width = self.grid  # 2-D: self attention only, Lq = Lk
         y = torch.fft.irfft2(product, s=self.size, out=out)
         return y[..., :height, :width].flatten(-2)
+
+    def full_inverse(self, product: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`transform` over the whole circulant: ``(..., *size)``."""
+        if self.grid is None:
+            return torch.fft.irfft(product, n=self.size[0], dim=-1)
+        return torch.fft.irfft2(product, s=self.size)
 
     def apply(self, spectrum: torch.Tensor, xe: torch.Tensor) -> torch.Tensor:
         return self.inverse(spectrum * self.transform(xe))

@@ -263,3 +263,32 @@ def test_float32_error_at_length_stays_near_bias_free(causal):
     bias_free = error()
     assert bias_free <= 1e-6
     assert error(bias=bias) <= 10 * bias_free
+
+
+@pytest.mark.parametrize("causal, cross", CASES)
+@pytest.mark.parametrize("bias_heads", [4, None])
+def test_training_backward_equals_reference_gradients(causal, cross, bias_heads):
+    """The backward that recomputes each FFT tile (issue 22: nothing of a tile is kept) gives
+    the reference's gradients for q, k, v and the bias, per-head or shared, with GQA and
+    padding keys."""
+    q, k, v = random_qkv(batch=2, q_heads=4, kv_heads=2, lq=33, lk=41 if cross else 33,
+                         value_dim=6, requires_grad=True)
+    lq, lk = q.shape[2], k.shape[2]
+    shape = (lq + lk - 1,) if bias_heads is None else (bias_heads, lq + lk - 1)
+    bias = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, lk) < 0.2
+    mask[:, 0] = False
+    kwargs = dict(method="kernelized_rpe", causal=causal, cross=cross, bias=bias,
+                  key_padding_mask=mask, num_features=6)
+    _assert_equal_values_and_grads(subq.reference(q, k, v, **kwargs),
+                                   subq.attention(q, k, v, **kwargs), (q, k, v, bias), True)
+
+
+@pytest.mark.parametrize("bias_heads", [2, 1])
+def test_training_backward_with_a_2d_bias_equals_reference_gradients(bias_heads):
+    q, k, v = random_qkv(batch=2, q_heads=2, kv_heads=1, lq=4 * 6, value_dim=5,
+                         requires_grad=True)
+    bias = torch.randn(bias_heads, 7, 11, dtype=torch.float64, requires_grad=True)
+    kwargs = dict(method="kernelized_rpe", bias=bias, num_features=6)
+    _assert_equal_values_and_grads(subq.reference(q, k, v, **kwargs),
+                                   subq.attention(q, k, v, **kwargs), (q, k, v, bias), True)
