@@ -52,8 +52,9 @@ import torch.nn.functional as F
 
 from ..registry import Mechanism, Option, Pattern
 from . import masks
-from .common import accumulation_dtype, masked_softmax, repeat_kv
+from .common import accumulation_dtype, repeat_kv
 from .dense import dense_attention
+from .hax_sparse import SparseSlots, sparse_softmax
 from .reference import masked_attention, masked_weights
 
 ARCHS = ("hax", "lsh", "ks", "window", "sink", "dilated", "window+dilated", "full")
@@ -64,7 +65,6 @@ DEFAULTS = dict(arch="hax", k_lsh=32, k_ks=32, window=32, sinks=32, dilation=64,
                 hash="sign", center="prefix_mean", seed=0, generator=None, projections=None,
                 key_scores=None)
 _MAX_SIGN_BITS = 62
-_GATHER_ELEMENTS = 1 << 22  # gathered K (or V) elements per query chunk without autograd
 
 
 # ---------------------------------------------------------------- shared pieces (one place)
@@ -393,39 +393,15 @@ def hax_indices(q: torch.Tensor, k: torch.Tensor, **options
     return _union(_slot_sets(q, k, options, prep, selection), q)
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x (B, Hkv, L, d)``, ``idx (B, Hq, Lq, n)`` -> ``(B, Hq, Lq, n, d)``: one row gather
-    from the flattened ``x``, without repeating ``x`` per query head."""
-    b, hq = idx.shape[:2]
-    hkv, length, d = x.shape[1:]
-    base = torch.arange(b * hkv, device=x.device).view(b, hkv, 1) * length
-    base = base.repeat_interleave(hq // hkv, dim=1)[..., None]     # (B, Hq, 1, 1)
-    return F.embedding(idx + base, x.reshape(-1, d))
-
-
-def _to_blocks(x: torch.Tensor, groups: int, n: int, size: int) -> torch.Tensor:
-    """``(B, Hq, L, d)`` -> ``(B, Hkv, n, G C, d)``: the rows of each kv head's query block."""
-    b, hq, length, d = x.shape
-    x = F.pad(x, (0, 0, 0, n * size - length)).view(b, hq // groups, groups, n, size, d)
-    return x.transpose(2, 3).reshape(b, hq // groups, n, groups * size, d)
-
-
-def _from_blocks(y: torch.Tensor, groups: int, length: int) -> torch.Tensor:
-    """The inverse of :func:`_to_blocks`: ``(B, Hkv, n, G C, m)`` -> ``(B, Hq, L, m)``."""
-    b, hkv, n, rows, m = y.shape
-    y = y.view(b, hkv, n, groups, rows // groups, m).transpose(2, 3)
-    return y.reshape(b, hkv * groups, n * (rows // groups), m)[:, :, :length]
-
-
-def _candidate_rows(x: torch.Tensor, selection: Selection) -> torch.Tensor:
-    """``x (B, Hkv, L, d)`` -> ``(B, Hkv, n, k + C, d)``: the candidate keys of each block
-    (the top-k of the blocks before it, gathered, then its own keys, a view)."""
-    b, h, length, d = x.shape
+def _candidate_positions(selection: Selection) -> torch.Tensor:
+    """``(B, Hkv, n, k + C)``: the positions of each block's candidate keys, the top-k of the
+    blocks before it, then its own keys (clamped below L: a key past L is never shared)."""
+    length = selection.rank.shape[-1]
     n, size, width = selection.candidates.shape[2:]
     before = selection.candidates[:, :, :, 0, :width - size]      # the same for every row
-    prior = _gather_rows(x, _take(selection.order, before.clamp(max=max(length - 1, 0))))
-    own = F.pad(x, (0, 0, 0, n * size - length)).view(b, h, n, size, d)
-    return torch.cat([prior, own], dim=3)
+    prior = _take(selection.order, before.clamp(max=max(length - 1, 0)))
+    own = torch.arange(n * size, device=prior.device).clamp(max=max(length - 1, 0))
+    return torch.cat([prior, own.view(n, size).expand(*prior.shape[:2], n, size)], dim=-1)
 
 
 # ---------------------------------------------------------------- the mechanism's callables
@@ -440,12 +416,12 @@ def hax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     ``center="prefix_mean"``, ``seed=0``, ``generator=None``, ``projections=None``,
     ``key_scores=None``. Time O(L log L + L k D), memory O(L k D).
 
-    One softmax per query over two kinds of slots: keys gathered by index (LSH, baselines),
-    and, for key selection, the ``k + C`` candidates shared by a block of ``C`` queries
-    (the top-k before the block and the block's own keys), scored by one matrix product per
-    block and masked to the query's top-k. Without autograd the gathers go in chunks of
-    queries (bounded memory); with it in one piece (a chunked gather's gradient would be a
-    full-length tensor per chunk).
+    One softmax per query over two kinds of slots (:mod:`subq.ops.hax_sparse`): keys gathered
+    by index (LSH, baselines), and, for key selection, the ``k + C`` candidates shared by a
+    block of ``C`` queries (the top-k before the block and the block's own keys), scored by one
+    matrix product per block and masked to the query's top-k; in chunks of queries, forward
+    and backward (which recomputes the scores from the saved log-sum-exps: training memory
+    O(L (D + k)), not O(L k D)).
     """
     if key_padding_mask is not None:
         raise NotImplementedError(
@@ -462,39 +438,16 @@ def hax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     selection = (key_selection_ranks(prep.scores, options["k_ks"])
                  if "ks" in COMPONENTS[options["arch"]] else None)
     idx, ok = _union(_slot_sets(q, k, options, prep, selection, with_ks=False), q)
-    b, hq, length, n = idx.shape
-    groups = hq // k.shape[1]
-    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    cand = shared = None
+    size = 1
     if selection is not None:
-        blocks, size = selection.candidates.shape[2:4]
+        size = selection.candidates.shape[3]
         shared = (selection.candidates <= selection.chosen[..., -1:]) & (
-            selection.candidates < length)                       # (B, Hkv, n, C, k + C)
-        shared = repeat_kv(shared.flatten(2, 3)[:, :, :length], groups)
-        values = _candidate_rows(va, selection)
-        scores = _from_blocks(_to_blocks(qa, groups, blocks, size)
-                              @ _candidate_rows(ka, selection).transpose(-1, -2),
-                              groups, length) * scale           # (B, Hq, L, k + C)
-    rows = length
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        rows = max(1, _GATHER_ELEMENTS // max(1, b * hq * n * max(k.shape[-1], v.shape[-1])))
-    outs, mixes = [], []
-    for start in range(0, max(length, 1), rows):
-        part = slice(start, start + rows)
-        logits = torch.einsum("bhid,bhind->bhin", qa[:, :, part],
-                              _gather_rows(ka, idx[:, :, part])) * scale
-        allowed = ok[:, :, part]
-        if selection is not None:
-            logits = torch.cat([logits, scores[:, :, part]], dim=-1)
-            allowed = torch.cat([allowed, shared[:, :, part]], dim=-1)
-        weights_ = masked_softmax(logits, allowed)
-        outs.append(torch.einsum("bhin,bhind->bhid", weights_[..., :n],
-                                 _gather_rows(va, idx[:, :, part])))
-        mixes.append(weights_[..., n:])
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    if selection is not None:
-        mix = mixes[0] if len(mixes) == 1 else torch.cat(mixes, dim=2)
-        out = out + _from_blocks(_to_blocks(mix, groups, blocks, size) @ values, groups, length)
-    return out.to(q.dtype)
+            selection.candidates < q.shape[2])                    # (B, Hkv, n, C, k + C)
+        shared = repeat_kv(shared.flatten(2, 3)[:, :, :q.shape[2]], q.shape[1] // k.shape[1])
+        cand = _candidate_positions(selection)
+    slots = SparseSlots(idx, ok, cand, shared, size, scale)
+    return sparse_softmax(q.to(acc), k.to(acc), v.to(acc), slots).to(q.dtype)
 
 
 def reference(q, k, v, *, causal=True, cross=False, scale=None, key_padding_mask=None,

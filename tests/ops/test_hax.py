@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import subq
-from subq.ops import hax
+from subq.ops import hax, hax_sparse
 
 from ..helpers import random_qkv, rel_rms
 
@@ -86,16 +86,23 @@ def test_sign_bit_bucket_is_argmax_over_signed_prototypes(h):
     assert torch.equal(hax.bucket_codes(x, proj, "sign"), code_of_winner)
 
 
-def test_chunked_no_grad_path_matches_reference(monkeypatch):
-    """Without autograd the gathers go in chunks of queries: force many (3 rows each) and a
-    sequence of several key-selection blocks (C = 16), then compare with the dense reference."""
-    monkeypatch.setattr(hax, "_GATHER_ELEMENTS", 3 * 2 * 4 * 5 * 16)
-    q, k, v = random_qkv(lq=70)
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_path_matches_reference(monkeypatch, grad):
+    """The sparse softmax goes in chunks of queries, forward and (with autograd) the recomputing
+    backward: force several chunks of one key-selection block (C = 16) each over five blocks,
+    then compare values and gradients with the dense reference."""
+    monkeypatch.setattr(hax_sparse, "_GATHER_ELEMENTS", 20 * 2 * 4 * (5 + 1) * 16)
+    q, k, v = random_qkv(lq=70, requires_grad=grad)
     opts = dict(k_lsh=5, k_ks=3, num_hash=3)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         out = subq.attention(q, k, v, method="hax", causal=True, **opts)
-    ref = subq.reference(q, k, v, method="hax", causal=True, **opts)
+        ref = subq.reference(q, k, v, method="hax", causal=True, **opts)
     assert rel_rms(ref, out) <= 1e-10
+    if grad:
+        cot = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), cot),
+                        torch.autograd.grad(ref, (q, k, v), cot), strict=True):
+            assert rel_rms(b, a) <= 1e-10
 
 
 def test_full_equals_dense_causal():
