@@ -38,9 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s); B=1, H=8, D=64, float32; peak MiB above the baseline, "
-          "forward+backward time: median ms")
-    print("| L | pattern | method | fwd MiB | fwd+bwd MiB | / dense | fwd+bwd ms |")
-    print("|---|---|---|---|---|---|---|")
+          "times: medians (ms)")
+    print("| L | pattern | method | fwd MiB | fwd+bwd MiB | / dense | fwd ms | fwd+bwd ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for length in args.lengths:
         for pattern in args.patterns:
             dense = None
@@ -51,10 +51,10 @@ def main() -> None:
                 if method == "dense":
                     dense = peak
                 ratio = f"{peak / dense:.1f}x" if peak and dense else "—"
-                ms = row.get("fwd_bwd_ms")
+                times = [row.get(key) for key in ("fwd_ms", "fwd_bwd_ms")]
                 print(f"| {length} | {pattern} | {method} | {row.get('mem_fwd_mib', 0):.0f} | "
                       f"{peak if peak is None else f'{peak:.0f}'} | {ratio} | "
-                      f"{'—' if ms is None else f'{ms:.0f}'} |"
+                      + " | ".join("—" if ms is None else f"{ms:.0f}" for ms in times) + " |"
                       + (f" {row.get('error') or row.get('time_error')}" if 'error' in row
                          or 'time_error' in row else ""), flush=True)
 

@@ -140,12 +140,31 @@ def collect_peft(out: Path, grid: tuple[PeftEntry, ...] = PEFT_GRID) -> list[dic
     return rows
 
 
+def keep_recorded(rows: list[dict[str, Any]], budget: dict[str, Any],
+                  record: dict[str, Any] | None) -> list[str]:
+    """Put in ``rows``, in place, the finished rows of an earlier report's ``record`` (``docs/
+    data/peft.json``) for the entries this run folder lacks, where that report's budget equals
+    this one: a grid may span sessions, and ``results/`` need not survive one. Returns the
+    names kept, which the report lists."""
+    if record is None or record.get("budget") != budget:
+        return []
+    recorded = {r["name"]: r for r in record["rows"] if r["status"] == "finished"}
+    kept = []
+    for n, row in enumerate(rows):
+        if row["status"] == "missing" and row["name"] in recorded:
+            rows[n] = recorded[row["name"]]
+            kept.append(row["name"])
+    return kept
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def render_peft(budget: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """The tables of the PEFT grid as markdown."""
+def render_peft(budget: dict[str, Any], rows: list[dict[str, Any]],
+                kept: list[str] | tuple[str, ...] = ()) -> str:
+    """The tables of the PEFT grid as markdown (``kept``: runs taken from an earlier report,
+    :func:`keep_recorded`)."""
     lines = [
         f"Budget per run: {budget['steps']} steps; `lookup` batches of "
         f"{budget['lookup_batch']} examples, `domain` batches of {budget['domain_batch']} "
@@ -154,6 +173,10 @@ def render_peft(budget: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "for full fine-tuning; seed 0; two threads, one run at a time. Seconds per step: "
         "training time over steps (evaluations excluded); peak RSS: the training process's "
         "(the 135 M-parameter model in float32 included).", ""]
+    if kept:
+        lines += ["Runs of an earlier session under the same budget, kept from its record "
+                  "(`docs/data/peft.json`; their run folders were not in this one): "
+                  + ", ".join(f"`{name}`" for name in kept) + ".", ""]
     for task, (metric, higher) in SCORE.items():
         chosen = [r for r in rows if r["task"] == task]
         if not chosen:
@@ -260,11 +283,15 @@ def write_peft_report(out: Path, grid: tuple[PeftEntry, ...] = PEFT_GRID,
                       docs: Path | None = None) -> Path:
     """``OUT/peft.json``, ``OUT/peft.md`` and the curves' plot (with ``docs``: the section
     between :data:`PEFT_MARKERS` of ``docs/peft.md``, ``docs/data/peft.json`` and
-    ``docs/img/peft_curves.png``)."""
+    ``docs/img/peft_curves.png``, with the finished runs of the previous ``docs/data/peft.json``
+    that ``OUT`` lacks, :func:`keep_recorded`)."""
     budget = json.loads((out / "budget.json").read_text())
     rows = collect_peft(out, grid)
+    kept = []
+    if docs is not None and (docs / "data" / "peft.json").exists():
+        kept = keep_recorded(rows, budget, json.loads((docs / "data" / "peft.json").read_text()))
     record = {"budget": budget, "rows": rows}
-    text = render_peft(budget, rows)
+    text = render_peft(budget, rows, kept)
     (out / "peft.json").write_text(json.dumps(record, indent=1) + "\n")
     plot_curves(rows, out / "peft_curves.png")
     path = out / "peft.md"

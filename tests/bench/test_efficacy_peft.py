@@ -91,3 +91,34 @@ def test_prefix_length_table_orders_prefixes_by_size_beside_ntk():
     lines = "\n".join(prefix_length_table(rows))
     assert lines.index("m = 8 ") < lines.index("m = 512 ") < lines.index("NTK (any m)")
     assert "| NTK (any m) | 1,123,200 | 0.750 | 0.5000 |" in lines
+
+
+def test_runs_missing_here_are_kept_from_the_record_of_the_same_budget(tmp_path):
+    """A grid that spans sessions: a run finished earlier (in docs/data/peft.json) and absent
+    from this run folder stays in the report, listed as kept; under another budget it does
+    not."""
+    grid = (PeftEntry("lookup-ntk", "lookup", "ntk"), PeftEntry("lookup-lora", "lookup", "lora"))
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    budget = asdict(PeftBudget(steps=2))
+    (out / "budget.json").write_text(json.dumps(budget))
+    _finished_run(out / "runs" / "lookup-ntk-s0", [(0, 0.0, 3.2), (2, 0.5, 3.0)], 1_123_200,
+                  9.9, 4187.0)
+    docs = tmp_path / "docs"
+    (docs / "data").mkdir(parents=True)
+    (docs / "peft.md").write_text(f"{PEFT_MARKERS[0]}\n{PEFT_MARKERS[1]}\n")
+    ntk = collect_peft(out, grid)[0]
+    lora = {**ntk, "name": "lookup-lora", "method": "lora", "score": 0.75,
+            "curve": [(0, 0.0), (2, 0.75)]}
+    record = {"budget": budget, "rows": [{**ntk, "score": 0.1}, lora]}
+    (docs / "data" / "peft.json").write_text(json.dumps(record))
+    write_peft_report(out, grid, docs)
+    saved = {r["name"]: r for r in json.loads((docs / "data" / "peft.json").read_text())["rows"]}
+    assert saved["lookup-lora"]["score"] == 0.75  # kept
+    assert saved["lookup-ntk"]["score"] == 0.5  # this folder's run wins over the record
+    assert "kept from its record" in (docs / "peft.md").read_text()
+    (docs / "data" / "peft.json").write_text(json.dumps({**record, "budget": {**budget,
+                                                                              "steps": 3}}))
+    write_peft_report(out, grid, docs)
+    saved = {r["name"]: r for r in json.loads((docs / "data" / "peft.json").read_text())["rows"]}
+    assert saved["lookup-lora"]["status"] == "missing"
