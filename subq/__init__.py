@@ -6,7 +6,7 @@
     torch.Size([1, 2, 100, 16])
 """
 
-from .api import attention, init_state, reference, step, weights
+from .api import attention, init_state, reference, reorder_state, step, weights
 from .registry import Mechanism, Option, Pattern, get, mechanisms
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "init_state",
     "mechanisms",
     "reference",
+    "reorder_state",
     "step",
     "weights",
 ]

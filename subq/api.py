@@ -4,6 +4,7 @@ dispatch to a mechanism's callables. Mechanisms in ``subq.ops`` may assume check
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -281,3 +282,26 @@ def step(
             raise ValueError(f"{name} must hold one token (length 1), got length {x.shape[2]}")
     return mech.step(q_t, k_t, v_t, state, scale=_resolve_scale(scale, q_t.shape[-1]),
                      **mech.resolve_options(options))
+
+
+def reorder_state(state: Any, index: torch.Tensor) -> Any:
+    """The decoding state of the batch rows ``index (B',)`` of ``state``'s batch: what beam
+    search needs when it keeps, drops and duplicates sequences (transformers' cache reorder).
+
+    A decoding state is a dataclass whose tensor fields are batch-first, except those its class
+    names in ``UNBATCHED`` (e.g. HAX's shared projections and positions); each batched field is
+    ``index_select``-ed along dim 0, the rest are kept. Stepping the reordered state equals
+    stepping a state built from the reordered sequences."""
+    if not dataclasses.is_dataclass(state):
+        raise ValueError(f"state must be a mechanism's decoding state (a dataclass), got "
+                         f"{type(state).__name__}")
+    if index.dim() != 1 or index.dtype != torch.long:
+        raise ValueError(f"index must be a 1-D long tensor of batch rows, got "
+                         f"{tuple(index.shape)} {index.dtype}")
+    keep = getattr(state, "UNBATCHED", ())
+    changes = {}
+    for field in dataclasses.fields(state):
+        value = getattr(state, field.name)
+        if isinstance(value, torch.Tensor) and field.name not in keep:
+            changes[field.name] = value.index_select(0, index.to(value.device))
+    return dataclasses.replace(state, **changes)

@@ -204,6 +204,39 @@ def test_decode_equals_prefill(mech):
         assert rel_rms(prefill[:, :, t:t + 1], out_t) <= 1e-10, f"step {t} differs from prefill"
 
 
+@pytest.mark.parametrize("mech", DECODERS)
+def test_reordered_state_decodes_the_reordered_batch(mech):
+    """Beam search's cache reorder: after 40 steps the state's rows are kept, dropped and
+    duplicated (``index``); stepping on from it equals decoding the reordered sequences from
+    the start."""
+    length, cut = 70, 40
+    q, k, v = random_qkv(batch=3, lq=length, value_dim=12)
+    options = call_options(mech, q, k, v)
+    index = torch.tensor([2, 0, 2])
+
+    def decode(q, k, v, state, steps):
+        outs = []
+        for t in steps:
+            out_t, state = subq.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                     state, method=mech.name, **options)
+            outs.append(out_t)
+        return torch.cat(outs, dim=2), state
+
+    def empty():
+        return subq.init_state(mech.name, batch=3, kv_heads=2, head_dim=16, value_dim=12,
+                               dtype=q.dtype, **options)
+
+    _, state = decode(q, k, v, empty(), range(cut))
+    state = subq.reorder_state(state, index)
+    # The reordered rows continue with fresh tokens of their own.
+    tail = [torch.cat([x[index, :, :cut], y[:, :, cut:]], dim=2)
+            for x, y in zip((q, k, v), random_qkv(batch=3, lq=length, value_dim=12),
+                            strict=True)]
+    continued, _ = decode(*tail, state, range(cut, length))
+    expected, _ = decode(*tail, empty(), range(length))
+    assert rel_rms(expected[:, :, cut:], continued) <= 1e-12
+
+
 @pytest.mark.parametrize("mech, pattern", CASES)
 def test_bfloat16_close_to_float32(mech, pattern):
     lq, lk = pattern_lengths(pattern, 200)

@@ -38,7 +38,9 @@ search reads its representative queries from. Without a matching prefill (the ca
 no queries) the rebuild steps with zero queries: still exact for mechanisms whose state is
 a function of the keys and values alone (``dense``'s KV cache, ``local``'s window).
 Generation with a padded batch raises ``NotImplementedError`` (``step`` takes no
-``key_padding_mask``). Only the default ``DynamicCache`` is supported.
+``key_padding_mask``). Only the default ``DynamicCache`` is supported. When beam search
+reorders the cache's batch rows, each new row is matched to the old row it copies by its
+keys' checksum and the state is reordered with :func:`subq.reorder_state`, not rebuilt.
 """
 
 from __future__ import annotations
@@ -244,6 +246,8 @@ def _decode(module, method, options, query, key, value, key_padding_mask, scalin
     past = key.shape[2] - query.shape[2]
     record = getattr(module, "_subq_decode", None)
     past_sum = _checksum(key[:, :, :past])
+    if record is not None and record.method == method and record.length == past:
+        record = _reordered(record, past_sum)
     if (record is None or record.method != method or record.length != past
             or not _same(record.checksum, past_sum)):
         prefill = getattr(module, "_subq_prefill", None)
@@ -259,6 +263,25 @@ def _decode(module, method, options, query, key, value, key_padding_mask, scalin
         outs.append(out_t)
     module._subq_decode = _DecodeRecord(method, state, key.shape[2], _checksum(key))
     return torch.cat(outs, dim=2)
+
+
+def _reordered(record: _DecodeRecord, past_sum: torch.Tensor) -> _DecodeRecord | None:
+    """``record`` with its state's batch rows reordered to match the cached keys whose
+    checksums are ``past_sum (B', Hkv, D)``, or None when some row matches none of the
+    record's. Beam search reorders transformers' cache (``index_select`` of its batch rows:
+    beams kept, dropped, duplicated) between steps; the rows are exact copies, so each new row
+    finds its source by its checksum, and the state follows without a re-prefill."""
+    if _same(record.checksum, past_sum):
+        return record
+    old = record.checksum
+    if past_sum.shape[1:] != old.shape[1:]:
+        return None
+    match = torch.isclose(past_sum[:, None], old[None], rtol=1e-9, atol=1e-9).flatten(2).all(-1)
+    if not bool(match.any(dim=1).all()):
+        return None
+    index = match.to(torch.int8).argmax(dim=1)
+    return _DecodeRecord(record.method, subq.reorder_state(record.state, index), record.length,
+                         old.index_select(0, index))
 
 
 def _replay(method, options, queries, query, key, value, scaling):

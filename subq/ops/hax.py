@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -475,6 +476,8 @@ class HaxCache:
     kv head) it is live while it is one of the ``k_lsh`` most recent keys of its bucket
     (``newer < k_lsh``), in the running top-``k_ks`` (``selected``), or inside a baseline's
     pattern. ``q_sum``/``k_sum`` hold the running sums for ``center="prefix_mean"``."""
+
+    UNBATCHED: ClassVar[tuple[str, ...]] = ("projections", "positions")
 
     projections: torch.Tensor | None
     t: int

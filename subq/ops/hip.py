@@ -53,6 +53,7 @@ attends with one fused SDPA call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -536,6 +537,8 @@ class HipCache:
     attend_bias: torch.Tensor | None = None
     scratch_keys: torch.Tensor | None = None
     scratch_values: torch.Tensor | None = None
+
+    UNBATCHED: ClassVar[tuple[str, ...]] = ("scratch_keys", "scratch_values")  # flat buffers
 
 
 def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, **options) -> HipCache:

@@ -225,6 +225,35 @@ def test_hip_cached_generation_equals_recompute():
     assert torch.equal(cached, generate(model, ids, cache=False))
 
 
+# Options that make each decoding mechanism differ from dense on the tiny model's short texts.
+SPARSE_OPTIONS = {"local": dict(window=3), "scout": dict(segment=4),
+                  "hax": dict(k_lsh=3, k_ks=3, num_hash=2),
+                  "hip": dict(topk=4, block_q=4, block_k=2, sink=1, window=2, refresh=4)}
+DECODERS = [m.name for m in subq.mechanisms() if m.decodes]
+
+
+@pytest.mark.parametrize("method", DECODERS)
+def test_beam_search_reorders_the_decode_states(method, monkeypatch):
+    """Beam search reorders the cache between steps; each layer's decoding state follows it
+    (no re-prefill: one replay per layer, after the prompt's prefill; the layers not patched
+    run subq's dense), and the beams equal those of use_cache=False."""
+    model = tiny_llama()
+    hf.patch(model, method, layers=[1, 2], **SPARSE_OPTIONS.get(method, {}))
+    ids = torch.randint(1, 97, (1, 23), generator=torch.Generator().manual_seed(5))
+    replays = []
+    replay = hf._replay
+    monkeypatch.setattr(hf, "_replay", lambda *a, **kw: replays.append(1) or replay(*a, **kw))
+
+    def beams(cache):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                              num_beams=3, num_return_sequences=3, do_sample=False,
+                              use_cache=cache, pad_token_id=0)
+
+    cached = beams(True)
+    assert len(replays) == model.config.num_hidden_layers
+    assert torch.equal(cached, beams(False))
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from subq.integrations.models import load
