@@ -22,9 +22,13 @@ Masks. The mask function registered for ``subq_<name>`` does not build the
 ``(B, 1, Lq, Lk)`` mask: it returns ``None`` when no key is padding and otherwise the
 ``(B, Lk)`` bool padding mask (``True`` = keep, HF's convention), which the attention
 function turns into subq's ``key_padding_mask`` (``True`` = ignore). A mechanism that cannot
-take padding raises ``NotImplementedError`` naming ``key_padding_mask``. Custom mask patterns
-(sliding-window or chunked layers, packed sequences, extra ``or``/``and`` masks, a ready 4-D
-mask) raise ``NotImplementedError``.
+take padding raises ``NotImplementedError`` naming ``key_padding_mask``. A causal sliding
+window of ``w`` keys (transformers' ``sliding_window``, keys ``i - w < j <= i``) is run by
+``dense`` as ``local(window=w - 1)``; ``local`` keeps the smaller window; other mechanisms
+run while the window covers every key and are refused where it binds. Soft-capped logits
+(Gemma 2) run on ``dense`` and ``local`` only. Other mask patterns (chunks, packed
+sequences, extra ``or``/``and`` masks, a ready 4-D mask) raise ``NotImplementedError``
+naming the pattern (:mod:`subq.integrations.hf_masks`).
 
 Causality and the KV cache. ``Lq == Lk`` (training, scoring, the prefill of generation) is
 ordinary self attention, causal if ``module.is_causal``; a non-causal ``Lq != Lk`` is cross
@@ -56,17 +60,18 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import (
     AttentionMaskInterface,
-    bidirectional_mask_function,
     causal_mask_function,
     prepare_padding_mask,
 )
 
 import subq
 from subq import registry
+from subq.integrations.hf_masks import mask_pattern
+from subq.integrations.softcap import softcapped_attention
 from subq.nn.ntk import NTKPrefix
 
 PREFIX = "subq_"
-_UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias")
+_UNSUPPORTED_KWARGS = ("s_aux", "sinks", "position_bias")
 
 
 def implementation_name(method: str) -> str:
@@ -87,28 +92,33 @@ def register() -> list[str]:
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
                  kv_offset: int = 0, mask_function=causal_mask_function,
-                 attention_mask: torch.Tensor | None = None, **kwargs: Any
-                 ) -> torch.Tensor | None:
+                 attention_mask: torch.Tensor | None = None, local_size: int | None = None,
+                 **kwargs: Any) -> torch.Tensor | None:
     """transformers' mask hook for subq: ``None`` or the ``(B, Lk)`` keep mask of the keys.
 
-    Called by ``create_causal_mask``/``create_bidirectional_mask`` with the 2-D
-    ``attention_mask`` (``True`` = real token) that covers the cached and the new tokens.
+    Called by ``create_causal_mask``/``create_sliding_window_causal_mask``/
+    ``create_bidirectional_mask`` with the 2-D ``attention_mask`` (``True`` = real token) that
+    covers the cached and the new tokens. The pattern is read by
+    :func:`subq.integrations.hf_masks.mask_pattern`; for a causal sliding window of ``w``
+    keys the keep mask (all ``True`` without padding) carries ``subq_window = w``.
     """
-    if mask_function not in (causal_mask_function, bidirectional_mask_function):
-        raise NotImplementedError(
-            "subq attention takes causal or bidirectional attention with key padding; this "
-            "model asks for another mask pattern (sliding window, chunks, packed sequences or "
-            "an extra mask function)")
+    pattern, window = mask_pattern(mask_function, q_length, kv_length, q_offset, kv_offset,
+                                   local_size, kwargs.get("device"))
     keep = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if keep is not None:
+        keep = keep[:, kv_offset:kv_offset + kv_length]
+    if pattern != "window":
+        return None if keep is None or bool(keep.all()) else keep
     if keep is None:
-        return None
-    keep = keep[:, kv_offset:kv_offset + kv_length]
-    return None if bool(keep.all()) else keep
+        keep = torch.ones(batch_size, kv_length, dtype=torch.bool, device=kwargs.get("device"))
+    keep.subq_window = window
+    return keep
 
 
 def _key_padding_mask(attention_mask: torch.Tensor | None, key: torch.Tensor
                       ) -> torch.Tensor | None:
-    if attention_mask is None:
+    if attention_mask is None or (hasattr(attention_mask, "subq_window")
+                                  and bool(attention_mask.all())):
         return None
     if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
         raise NotImplementedError(
@@ -153,6 +163,18 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     key_padding_mask = _key_padding_mask(attention_mask, key)
     lq, lk = query.shape[2], key.shape[2]
     kv_prefix = getattr(module, "kv_prefix", None)
+    window = _sliding_window(module, attention_mask, kwargs.get("sliding_window"))
+    softcap = kwargs.get("softcap")
+    if (window is not None or softcap is not None) and (dropout or kv_prefix is not None):
+        raise NotImplementedError(
+            f"layer {_layer(module)}: subq runs sliding-window or soft-capped layers without "
+            "attention dropout and without a kv_prefix (prefix tuning)")
+    if softcap is not None:
+        out = _softcapped(module, method, options, query, key, value, key_padding_mask,
+                          causal, scaling, softcap, window)
+        return out.transpose(1, 2).contiguous(), None
+    if window is not None:
+        method, options = _windowed(module, method, options, window, lk)
     if kv_prefix is not None:
         if method != "dense":
             raise NotImplementedError(
@@ -177,6 +199,63 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if causal and lq == lk and registry.get(method).decodes:
             module._subq_prefill = _Prefill(query.detach(), _checksum(key))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _layer(module: torch.nn.Module) -> str:
+    return str(getattr(module, "layer_idx", "?"))
+
+
+def _sliding_window(module, attention_mask, sliding_window: int | None) -> int | None:
+    """The layer's causal sliding window ``w`` (keys ``q - w < j <= q``, transformers'
+    ``sliding_window``): the one the model passes, checked against the one its mask asks
+    for, or the mask's when the model passes none."""
+    from_mask = getattr(attention_mask, "subq_window", None)
+    if sliding_window is not None and from_mask is not None and sliding_window != from_mask:
+        raise ValueError(f"layer {_layer(module)}: the model passes sliding_window="
+                         f"{sliding_window} but its mask has a window of {from_mask} keys")
+    return sliding_window if sliding_window is not None else from_mask
+
+
+def _windowed(module, method: str, options: dict[str, Any], window: int, keys: int
+              ) -> tuple[str, dict[str, Any]]:
+    """The mechanism and options that run a layer whose keys lie in a causal sliding window
+    of ``window`` keys: transformers' ``sliding_window = w`` is subq's ``local`` with
+    ``window = w - 1`` (``local`` counts the keys before the query). ``dense`` runs as that
+    ``local``; ``local`` keeps the smaller of its own window and the layer's; another
+    mechanism runs as it is while the window covers all ``keys`` of the call, and is refused
+    when it would bind."""
+    if method == "dense":
+        return "local", {"window": window - 1}
+    if method == "local":
+        own = registry.get("local").resolve_options(dict(options))["window"]
+        return "local", {**options, "window": min(own, window - 1)}
+    if window >= keys:
+        return method, options
+    raise NotImplementedError(
+        f"layer {_layer(module)} attends within a sliding window of {window} keys (the "
+        f"config's sliding_window) and this call has {keys}; subq's {method!r} cannot be "
+        "restricted to a window: 'dense' and 'local' run the window exactly (dense as "
+        f"local(window={window - 1})); patch this layer with one of them or leave it out of "
+        "patch(layers=...)")
+
+
+def _softcapped(module, method, options, query, key, value, key_padding_mask, causal, scaling,
+                softcap, window):
+    """A layer that soft-caps its logits (Gemma 2's ``attn_logit_softcapping``): ``dense``
+    and ``local`` run :func:`subq.integrations.softcap.softcapped_attention` over the keys
+    transformers holds (its cache included, so decoding needs no subq state)."""
+    if method not in ("dense", "local"):
+        raise NotImplementedError(
+            f"layer {_layer(module)}: this model soft-caps its attention logits "
+            f"(attn_logit_softcapping={softcap}); subq applies that with 'dense' and 'local' "
+            f"only, not {method!r}: patch this layer with one of them, or leave it out of "
+            "patch(layers=...)")
+    if method == "local":
+        own = registry.get("local").resolve_options(dict(options))["window"] + 1
+        window = own if window is None else min(window, own)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return softcapped_attention(query, key, value, softcap=softcap, scale=scale, causal=causal,
+                                window=window, key_padding_mask=key_padding_mask)
 
 
 def _dense_sdpa(query, key, value, key_padding_mask, causal, scaling, dropout=0.0,
