@@ -2,7 +2,7 @@
 
     >>> from subq.integrations.transformers import patch
     >>> model = AutoModelForCausalLM.from_pretrained(path)
-    >>> patch(model, "hip", layers=range(3, 30))      # first 3 layers stay dense
+    >>> patch(model, "hip", layers=range(3, 30))      # layers 0-2 keep the model's attention
 
 :func:`register` adds every registered mechanism to ``transformers.AttentionInterface`` as
 ``"subq_<name>"`` (and a matching entry to ``AttentionMaskInterface``), so that
@@ -50,6 +50,7 @@ keys' checksum and the state is reordered with :func:`subq.reorder_state`, not r
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -59,10 +60,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
     AttentionMaskInterface,
     causal_mask_function,
     prepare_padding_mask,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import subq
 from subq import registry
@@ -100,25 +103,44 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
     ``create_bidirectional_mask`` with the 2-D ``attention_mask`` (``True`` = real token) that
     covers the cached and the new tokens. The pattern is read by
     :func:`subq.integrations.hf_masks.mask_pattern`; for a causal sliding window of ``w``
-    keys the keep mask (all ``True`` without padding) carries ``subq_window = w``.
+    keys the keep mask (all ``True`` without padding) carries ``subq_window = w``. Where
+    :func:`patch` left layers on the model's own attention (``config.subq_stock_attention``),
+    the keep mask also carries the mask that implementation builds (``subq_stock_mask``), and
+    a pattern subq cannot run is refused only when a subq layer receives it
+    (``subq_refused``).
     """
-    pattern, window = mask_pattern(mask_function, q_length, kv_length, q_offset, kv_offset,
-                                   local_size, kwargs.get("device"))
+    arguments = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                     q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                     attention_mask=attention_mask, local_size=local_size, **kwargs)
+    stock = getattr(kwargs.get("config"), "subq_stock_attention", None)
+    refused = window = None
+    try:
+        pattern, window = mask_pattern(mask_function, q_length, kv_length, q_offset,
+                                       kv_offset, local_size, kwargs.get("device"))
+    except NotImplementedError as error:
+        if stock is None:
+            raise
+        refused = str(error)
     keep = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if keep is not None:
         keep = keep[:, kv_offset:kv_offset + kv_length]
-    if pattern != "window":
+    if window is None and stock is None:
         return None if keep is None or bool(keep.all()) else keep
     if keep is None:
         keep = torch.ones(batch_size, kv_length, dtype=torch.bool, device=kwargs.get("device"))
     keep.subq_window = window
+    keep.subq_refused = refused
+    if stock is not None:
+        keep.subq_stock_mask = ALL_MASK_ATTENTION_FUNCTIONS[stock](**arguments)
     return keep
 
 
 def _key_padding_mask(attention_mask: torch.Tensor | None, key: torch.Tensor
                       ) -> torch.Tensor | None:
-    if attention_mask is None or (hasattr(attention_mask, "subq_window")
-                                  and bool(attention_mask.all())):
+    refused = getattr(attention_mask, "subq_refused", None)
+    if refused is not None:
+        raise NotImplementedError(refused)
+    if attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all())):
         return None
     if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
         raise NotImplementedError(
@@ -129,6 +151,20 @@ def _key_padding_mask(attention_mask: torch.Tensor | None, key: torch.Tensor
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
                          f"(batch, keys)={(key.shape[0], key.shape[2])}")
     return ~attention_mask
+
+
+def _stock_attention(module: torch.nn.Module):
+    """The model's own attention function for a layer :func:`patch` did not name (None for
+    the others, and when the whole model runs subq): transformers' registered implementation,
+    or the ``eager_attention_forward`` of the module's modeling file."""
+    if getattr(module, "subq_attention", None) is not None:
+        return None
+    name = getattr(getattr(module, "config", None), "subq_stock_attention", None)
+    if name is None:
+        return None
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    return sys.modules[type(module).__module__].eager_attention_forward
 
 
 def _method_and_options(module: torch.nn.Module, method: str) -> tuple[str, dict[str, Any]]:
@@ -147,6 +183,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     ``query (B, Hq, Lq, D)``, ``key (B, Hkv, Lk, D)``, ``value (B, Hkv, Lk, Dv)`` ->
     ``((B, Lq, Hq, Dv), None)``.
     """
+    stock = _stock_attention(module)
+    if stock is not None:
+        return stock(module, query, key, value, getattr(attention_mask, "subq_stock_mask", None),
+                     dropout=dropout, scaling=scaling, **kwargs)
     method, options = _method_and_options(module, method)
     prefix = getattr(module, "ntk_prefix", None)
     if method == "ntk" and prefix is not None:
@@ -392,9 +432,11 @@ def patch(model: torch.nn.Module, method: str, layers: Iterable[int] | None = No
           **options: Any) -> list[int]:
     """Run the attention of ``layers`` (all by default) through subq mechanism ``method``.
 
-    Layers not named keep what they had: the model is switched to ``"subq_dense"`` (exact
-    softmax attention through ``torch`` SDPA, subq's padding handling) unless it already uses
-    a ``subq_`` implementation. Options are checked now. Returns the patched layer indices.
+    Layers not named keep what they had: the model's own attention implementation (``sdpa``,
+    ``eager``, ..., with the mask it builds) when it was not a ``subq_`` one, else that
+    implementation. The model is switched to ``"subq_dense"`` and remembers its own in
+    ``config.subq_stock_attention`` while some layer runs it. Options are checked now.
+    Returns the patched layer indices.
     """
     mech = registry.get(method)
     mech.resolve_options(options)
@@ -402,9 +444,21 @@ def patch(model: torch.nn.Module, method: str, layers: Iterable[int] | None = No
     register()
     for module in chosen.values():
         module.subq_attention = (mech.name, dict(options))
-    if not str(model.config._attn_implementation).startswith(PREFIX):
+    current = str(model.config._attn_implementation)
+    if not current.startswith(PREFIX):
+        model.config.subq_original_attention = current
         model.set_attn_implementation(PREFIX + "dense")
+    _refresh_stock_layers(model)
     return list(chosen)
+
+
+def _refresh_stock_layers(model: torch.nn.Module) -> None:
+    """``config.subq_stock_attention``: the model's own implementation while some attention
+    module runs it (not patched), else None (so no stock mask is built for nothing)."""
+    original = getattr(model.config, "subq_original_attention", None)
+    stock_left = any(getattr(m, "subq_attention", None) is None
+                     for m in attention_modules(model).values())
+    model.config.subq_stock_attention = original if stock_left else None
 
 
 def chosen_modules(model: torch.nn.Module, layers: Iterable[int] | None = None
@@ -456,7 +510,8 @@ def attention_geometry(model: torch.nn.Module) -> tuple[int, int, int]:
 
 
 def unpatch(model: torch.nn.Module, layers: Iterable[int] | None = None) -> None:
-    """Undo :func:`patch` on ``layers`` (all by default): they follow the model's setting."""
+    """Undo :func:`patch` on ``layers`` (all by default): they return to the model's own
+    attention."""
     modules = attention_modules(model)
     for i in modules if layers is None else layers:
         modules[i].__dict__.pop("subq_attention", None)
@@ -464,6 +519,7 @@ def unpatch(model: torch.nn.Module, layers: Iterable[int] | None = None) -> None
         modules[i].__dict__.pop("_subq_prefill", None)
         modules[i]._modules.pop("ntk_prefix", None)
         modules[i]._modules.pop("kv_prefix", None)
+    _refresh_stock_layers(model)
 
 
 def patched_layers(model: torch.nn.Module) -> Mapping[int, tuple[str, dict[str, Any]]]:

@@ -125,3 +125,49 @@ def test_chunked_attention_is_refused_naming_it():
     chunks = chunked_causal_mask_function(3, torch.zeros(1, dtype=torch.long))
     with pytest.raises(NotImplementedError, match="chunked attention"):
         hf.padding_mask(1, 10, 10, mask_function=chunks, local_size=3)
+
+
+def test_layers_not_named_keep_the_models_own_attention(monkeypatch):
+    """patch(layers=[1]) leaves the other layers on the model's implementation (SDPA here,
+    with the mask transformers builds for it); unpatch returns the named ones to it too."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from .llama import tiny_llama
+
+    stock_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    calls = []
+
+    def spy(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return stock_sdpa(module, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+    model = tiny_llama(layers=3)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask).logits
+        calls.clear()
+        hf.patch(model, "dense", layers=[1])
+        ours = model(ids, attention_mask=mask).logits
+        assert calls == [0, 2]
+        hf.unpatch(model)
+        calls.clear()
+        model(ids, attention_mask=mask)
+        assert calls == [0, 1, 2]
+    real = mask.bool()[:, :, None]
+    assert rel(ours * real, stock * real) < 1e-5
+
+
+def test_gemma2_layers_not_named_keep_its_eager_soft_capped_attention():
+    model = tiny_family("gemma2")
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask).logits
+        hf.patch(model, "local", layers=[1], window=3)
+        local = model(ids, attention_mask=mask).logits
+        hf.patch(model, "dense", layers=[1])
+        dense = model(ids, attention_mask=mask).logits
+    assert model.config.subq_stock_attention == "eager"
+    real = mask.bool()[:, :, None]
+    assert rel(dense * real, stock * real) < 1e-6
+    assert rel(local * real, stock * real) > 1e-4
