@@ -72,6 +72,7 @@ from subq import registry
 from subq.integrations.hf_masks import mask_pattern
 from subq.integrations.softcap import softcapped_attention
 from subq.nn.ntk import NTKPrefix
+from subq.ops import masks
 
 PREFIX = "subq_"
 _UNSUPPORTED_KWARGS = ("s_aux", "sinks", "position_bias")
@@ -205,10 +206,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     kv_prefix = getattr(module, "kv_prefix", None)
     window = _sliding_window(module, attention_mask, kwargs.get("sliding_window"))
     softcap = kwargs.get("softcap")
-    if (window is not None or softcap is not None) and (dropout or kv_prefix is not None):
+    if (softcap is not None and dropout) or (
+            kv_prefix is not None and (window is not None or softcap is not None)):
         raise NotImplementedError(
-            f"layer {_layer(module)}: subq runs sliding-window or soft-capped layers without "
-            "attention dropout and without a kv_prefix (prefix tuning)")
+            f"layer {_layer(module)}: subq runs soft-capped layers without attention dropout, "
+            "and sliding-window or soft-capped layers without a kv_prefix (prefix tuning)")
     if softcap is not None:
         out = _softcapped(module, method, options, query, key, value, key_padding_mask,
                           causal, scaling, softcap, window)
@@ -223,13 +225,18 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = _dense_sdpa(query, key, value, key_padding_mask, causal, scaling, dropout,
                           prefix=kv_prefix)
     elif dropout:
-        if method != "dense":
+        if method not in ("dense", "local") or lq != lk:
             raise NotImplementedError(
-                f"subq attention {method!r} applies no attention dropout (only 'dense' does, "
-                f"as SDPA); got dropout={dropout} in training: set the model config's "
-                "attention dropout to 0 (attention_dropout, attention_probs_dropout_prob or "
-                "attn_pdrop, by family) to train with it")
-        out = _dense_sdpa(query, key, value, key_padding_mask, causal, scaling, dropout)
+                f"subq attention {method!r} applies no attention dropout (only 'dense' and "
+                f"'local' do, as SDPA); got dropout={dropout} in training: set the model "
+                "config's attention dropout to 0 (attention_dropout, "
+                "attention_probs_dropout_prob or attn_pdrop, by family) to train with it")
+        band = None
+        if method == "local":
+            width = registry.get("local").resolve_options(dict(options))["window"]
+            band = masks.window_mask(lq, lk, width, causal, query.device)
+        out = _dense_sdpa(query, key, value, key_padding_mask, causal, scaling, dropout,
+                          band=band)
     elif causal and lq < lk:
         out = _decode(module, method, options, query, key, value, key_padding_mask, scaling)
     else:
@@ -299,15 +306,18 @@ def _softcapped(module, method, options, query, key, value, key_padding_mask, ca
 
 
 def _dense_sdpa(query, key, value, key_padding_mask, causal, scaling, dropout=0.0,
-                prefix=None):
+                prefix=None, band=None):
     """Dense attention as transformers' ``sdpa`` computes it: one
     ``F.scaled_dot_product_attention`` call with ``dropout_p``, ``is_causal`` when no mask is
     needed, else a boolean mask (bottom-right causality when ``Lq < Lk``), grouped heads
     through ``enable_gqa``; so a seeded run draws the same dropout as stock SDPA. ``prefix``
     (a ``kv_prefix`` with ``keys (1, Hkv, m, D)``, ``values (1, Hkv, m, Dv)``): those pairs
-    come first and every query sees them (prefix tuning)."""
+    come first and every query sees them (prefix tuning). ``band (Lq, Lk)``: keys allowed
+    beside that (``local``'s window, run as SDPA with dropout draws SDPA's own)."""
     lq, lk = query.shape[2], key.shape[2]
     mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    if band is not None:
+        mask = band if mask is None else mask & band
     if causal and lq > 1 and (mask is not None or lq != lk or prefix is not None):
         rows = torch.arange(lq, device=query.device)[:, None] + (lk - lq)
         allowed = torch.arange(lk, device=query.device)[None, :] <= rows

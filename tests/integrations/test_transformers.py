@@ -108,8 +108,8 @@ def test_patch_selects_layers_by_order_without_layer_idx():
 
 def test_training_with_attention_dropout_equals_stock_sdpa():
     """In training mode ``dense`` applies the config's attention dropout as SDPA does: the same
-    seed gives the same logits as stock SDPA (with left padding too); other mechanisms refuse
-    by name and say which config key to set."""
+    seed gives the same logits as stock SDPA (with left padding too); mechanisms other than
+    dense and local refuse by name and say which config key to set."""
     config = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=6, num_key_value_heads=2, head_dim=8,
                   attention_dropout=0.3)
@@ -129,7 +129,7 @@ def test_training_with_attention_dropout_equals_stock_sdpa():
     assert rel(outs[2], outs[0]) < 1e-6
     real = mask.bool()
     assert rel(outs[3][real], outs[1][real]) < 1e-6
-    hf.patch(stock, "local", window=4)
+    hf.patch(stock, "linear")
     with pytest.raises(NotImplementedError, match="attention_dropout"):
         stock(ids)
 

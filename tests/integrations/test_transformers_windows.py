@@ -171,3 +171,20 @@ def test_gemma2_layers_not_named_keep_its_eager_soft_capped_attention():
     real = mask.bool()[:, :, None]
     assert rel(dense * real, stock * real) < 1e-6
     assert rel(local * real, stock * real) > 1e-4
+
+
+def test_training_a_windowed_model_with_dropout_equals_stock_sdpa():
+    """A sliding-window layer in training with attention dropout: dense runs it as local, and
+    local applies the dropout as one SDPA call with the window as its mask, so a seeded step
+    draws what stock SDPA draws (left padding included)."""
+    ids, mask = _padded_batch()
+    model = tiny_family("mistral", attention_dropout=0.3).train()
+    torch.manual_seed(7)
+    stock = model(ids, attention_mask=mask).logits
+    hf.patch(model, "dense")
+    torch.manual_seed(7)
+    ours = model(ids, attention_mask=mask).logits
+    real = mask.bool()[:, :, None]
+    assert rel(ours * real, stock * real) < 1e-5
+    torch.manual_seed(8)
+    assert rel(model(ids, attention_mask=mask).logits * real, stock * real) > 1e-3  # it drops
