@@ -13,6 +13,8 @@ import platform
 
 import torch
 
+import subq
+from subq import Pattern
 from subq.bench.measure import Config, memory_job, time_config
 from subq.bench.memory import run_in_child
 
@@ -45,6 +47,8 @@ def main() -> None:
         for pattern in args.patterns:
             dense = None
             for method in args.methods:
+                if Pattern(pattern.replace("_", " ")) not in subq.get(method).patterns:
+                    continue
                 config = Config(method, pattern.replace("_", " "), length, threads=args.threads)
                 row = _measure(config, not args.no_time)
                 peak = row.get("mem_fwd_bwd_mib")
