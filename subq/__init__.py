@@ -6,7 +6,15 @@
     torch.Size([1, 2, 100, 16])
 """
 
-from .api import attention, init_state, reference, reorder_state, step, weights
+from .api import (
+    attention,
+    init_state,
+    prefill_state,
+    reference,
+    reorder_state,
+    step,
+    weights,
+)
 from .registry import Mechanism, Option, Pattern, get, mechanisms
 
 __version__ = "0.1.0"
@@ -20,6 +28,7 @@ __all__ = [
     "get",
     "init_state",
     "mechanisms",
+    "prefill_state",
     "reference",
     "reorder_state",
     "step",

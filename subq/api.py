@@ -284,6 +284,35 @@ def step(
                      **mech.resolve_options(options))
 
 
+def prefill_state(
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    **options: Any,
+) -> Any:
+    """The decoding state after the ``T`` tokens of ``q (B, Hq, T, D)``, ``k (B, Hkv, T, D)``,
+    ``v (B, Hkv, T, Dv)``: what :func:`init_state` and ``T`` calls of :func:`step` give (then
+    :func:`step` goes on from token ``T``). A mechanism that can build it at once does
+    (``Mechanism.prefill_state``: e.g. a KV cache is the keys and values); the others step."""
+    mech = _decoder(method)
+    check_qkv(q, k, v)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q, k and v must hold the same tokens, got lengths {q.shape[2]} and "
+                         f"{k.shape[2]}")
+    resolved = mech.resolve_options(options)
+    scale = _resolve_scale(scale, q.shape[-1])
+    if mech.prefill_state is not None and q.shape[2] > 0:
+        return mech.prefill_state(q, k, v, scale=scale, **resolved)
+    state = mech.init_state(batch=k.shape[0], kv_heads=k.shape[1], head_dim=k.shape[-1],
+                            value_dim=v.shape[-1], dtype=k.dtype, device=k.device, **resolved)
+    for t in range(q.shape[2]):
+        _, state = mech.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state,
+                             scale=scale, **resolved)
+    return state
+
+
 def reorder_state(state: Any, index: torch.Tensor) -> Any:
     """The decoding state of the batch rows ``index (B',)`` of ``state``'s batch: what beam
     search needs when it keeps, drops and duplicates sequences (transformers' cache reorder).

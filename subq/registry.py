@@ -126,7 +126,10 @@ class Mechanism:
     obvious O(Lq x Lk) computation of the same function, ``weights`` its attention matrix
     ``(B, Hq, Lq, Lk)`` where the output is ``A @ v``. Mechanisms that decode give
     ``init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, **options)`` and
-    ``step(q_t, k_t, v_t, state, *, scale, **options) -> (out_t, state)`` (causal self).
+    ``step(q_t, k_t, v_t, state, *, scale, **options) -> (out_t, state)`` (causal self), and
+    may give ``prefill_state(q, k, v, *, scale, **options) -> state``: the state ``step`` holds
+    after the ``T`` tokens of ``q, k, v (B, H, T, D)``, built at once (without it
+    :func:`subq.prefill_state` steps through them).
 
     ``exact`` says the output equals dense softmax attention for every input (every
     mechanism, exact or not, equals its own ``reference``).
@@ -146,6 +149,7 @@ class Mechanism:
     weights: Callable[..., torch.Tensor] | None = None
     init_state: Callable[..., Any] | None = None
     step: Callable[..., tuple[torch.Tensor, Any]] | None = None
+    prefill_state: Callable[..., Any] | None = None
     test_options: Mapping[str, Any] = field(default_factory=dict)
     sample_options: Callable[..., dict[str, Any]] = _no_sample_options
 
@@ -155,6 +159,8 @@ class Mechanism:
             raise ValueError(f"mechanism {self.name!r}: option names {sorted(clash)} are reserved")
         if (self.init_state is None) != (self.step is None):
             raise ValueError(f"mechanism {self.name!r}: give both init_state and step, or neither")
+        if self.prefill_state is not None and self.step is None:
+            raise ValueError(f"mechanism {self.name!r}: prefill_state needs step")
         if self.step is not None and Pattern.CAUSAL_SELF not in self.patterns:
             raise ValueError(f"mechanism {self.name!r}: decoding needs the causal self pattern")
 

@@ -205,6 +205,26 @@ def test_decode_equals_prefill(mech):
 
 
 @pytest.mark.parametrize("mech", DECODERS)
+@pytest.mark.parametrize("prefix", [0, 1, 40])
+def test_prefill_state_continues_like_stepping_from_the_start(mech, prefix):
+    """``subq.prefill_state`` of the first tokens (built at once where the mechanism can,
+    else stepped) decodes the rest as stepping through every token does."""
+    length = 70
+    q, k, v = random_qkv(lq=length, value_dim=12)
+    options = call_options(mech, q, k, v)
+    state = subq.init_state(mech.name, batch=2, kv_heads=2, head_dim=16, value_dim=12,
+                            dtype=q.dtype, **options)
+    from_prefill = subq.prefill_state(mech.name, q[:, :, :prefix], k[:, :, :prefix],
+                                      v[:, :, :prefix], **options)
+    for t in range(length):
+        token = (q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+        out_t, state = subq.step(*token, state, method=mech.name, **options)
+        if t >= prefix:
+            out_p, from_prefill = subq.step(*token, from_prefill, method=mech.name, **options)
+            assert rel_rms(out_t, out_p) <= 1e-12, f"step {t} after a prefill of {prefix}"
+
+
+@pytest.mark.parametrize("mech", DECODERS)
 def test_reordered_state_decodes_the_reordered_batch(mech):
     """Beam search's cache reorder: after 40 steps the state's rows are kept, dropped and
     duplicated (``index``); stepping on from it equals decoding the reordered sequences from

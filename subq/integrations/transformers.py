@@ -414,17 +414,12 @@ def _reordered(record: _DecodeRecord, past_sum: torch.Tensor) -> _DecodeRecord |
 
 
 def _replay(method, options, queries, query, key, value, scaling):
-    """A decoding state that has consumed ``key``/``value`` ``(B, Hkv, T, D)``, stepped with
-    ``queries (B, Hq, T, D)`` (the prefill's) or, when None, zeros shaped like ``query``."""
-    state = subq.init_state(method, batch=key.shape[0], kv_heads=key.shape[1],
-                            head_dim=key.shape[-1], value_dim=value.shape[-1], dtype=key.dtype,
-                            device=key.device, **options)
-    blank = query.new_zeros(query.shape[0], query.shape[1], 1, query.shape[-1])
-    for t in range(key.shape[2]):
-        q_t = blank if queries is None else queries[:, :, t:t + 1]
-        _, state = subq.step(q_t, key[:, :, t:t + 1], value[:, :, t:t + 1], state, method,
-                             scale=scaling, **options)
-    return state
+    """A decoding state that has consumed ``key``/``value`` ``(B, Hkv, T, D)``, with
+    ``queries (B, Hq, T, D)`` (the prefill's) or, when None, zeros shaped like ``query``
+    (:func:`subq.prefill_state`: at once where the mechanism can, else step by step)."""
+    if queries is None:
+        queries = query.new_zeros(query.shape[0], query.shape[1], key.shape[2], query.shape[-1])
+    return subq.prefill_state(method, queries, key, value, scale=scaling, **options)
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:

@@ -69,6 +69,11 @@ def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device) -> KVCach
                    torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device))
 
 
+def prefill_state(q, k, v, *, scale=None) -> KVCache:
+    """The cache after a prefill: its keys and values."""
+    return KVCache(k, v)
+
+
 def step(q_t, k_t, v_t, state: KVCache, *, scale=None) -> tuple[torch.Tensor, KVCache]:
     """Append (k_t, v_t) to the cache and attend to all of it."""
     state = KVCache(torch.cat([state.keys, k_t], dim=2), torch.cat([state.values, v_t], dim=2))
@@ -86,4 +91,5 @@ MECHANISM = Mechanism(
     exact=True,
     init_state=init_state,
     step=step,
+    prefill_state=prefill_state,
 )

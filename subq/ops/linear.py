@@ -207,6 +207,14 @@ def init_state(*, batch: int, kv_heads: int, head_dim: int, value_dim: int,
                                    device=device))
 
 
+def prefill_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  scale: float | None = None, feature_map: str = "relu",
+                  eps: float = DEFAULT_EPS, chunk: int = DEFAULT_CHUNK) -> LinearState:
+    """The state after a prefill: ``S = sum_j phi(k_j)^T [v_j, 1]`` over its tokens."""
+    _, pk = _features(q[:, :, :0], k, None, feature_map, eps)
+    return LinearState(pk.transpose(-1, -2) @ _with_ones(v.to(pk.dtype)))
+
+
 def step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: LinearState, *,
          scale: float | None = None, feature_map: str = "relu", eps: float = DEFAULT_EPS,
          chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, LinearState]:
@@ -239,5 +247,6 @@ MECHANISM = Mechanism(
     ),
     init_state=init_state,
     step=step,
+    prefill_state=prefill_state,
     test_options={"chunk": 16},
 )

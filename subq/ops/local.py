@@ -113,6 +113,12 @@ def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device,
                         torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device))
 
 
+def prefill_state(q, k, v, *, scale=None, window=DEFAULT_WINDOW) -> RollingCache:
+    """The cache after a prefill: its last ``window`` keys and values."""
+    first = max(0, k.shape[2] - window)
+    return RollingCache(k[:, :, first:], v[:, :, first:])
+
+
 def step(q_t, k_t, v_t, state: RollingCache, *, scale=None, window=DEFAULT_WINDOW
          ) -> tuple[torch.Tensor, RollingCache]:
     """Attend to the cached ``window`` keys and the current one, then roll the cache."""
@@ -142,5 +148,6 @@ MECHANISM = Mechanism(
     ),
     init_state=init_state,
     step=step,
+    prefill_state=prefill_state,
     test_options={"window": 8},
 )

@@ -240,6 +240,11 @@ def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, z=None, k
                    torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device))
 
 
+def prefill_state(q, k, v, *, scale=None, z=None, kz=None) -> KVCache:
+    """The cache after a prefill: its keys and values (the prefix summaries are options)."""
+    return KVCache(k, v)
+
+
 def step(q_t, k_t, v_t, state: KVCache, *, scale=None, z=None, kz=None
          ) -> tuple[torch.Tensor, KVCache]:
     """Append (k_t, v_t) to the cache; attend to it and to the prefix summaries."""
@@ -278,5 +283,6 @@ MECHANISM = Mechanism(
     ),
     init_state=init_state,
     step=step,
+    prefill_state=prefill_state,
     sample_options=sample_options,
 )

@@ -214,6 +214,13 @@ def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device,
         torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device))
 
 
+def prefill_state(q, k, v, *, scale=None, segment=DEFAULT_SEGMENT) -> CheckpointCache:
+    """The cache after a prefill of ``T`` tokens: the keys and values of tokens
+    ``mS + S - 1 < T``, the checkpoints its steps would have kept."""
+    s = _fixed_segment(segment)
+    return CheckpointCache(k[:, :, s - 1::s], v[:, :, s - 1::s], k.shape[2])
+
+
 def step(q_t, k_t, v_t, state: CheckpointCache, *, scale=None, segment=DEFAULT_SEGMENT
          ) -> tuple[torch.Tensor, CheckpointCache]:
     """Attend to the cached checkpoints and to the current token; cache it iff it ends a
@@ -246,5 +253,6 @@ MECHANISM = Mechanism(
     ),
     init_state=init_state,
     step=step,
+    prefill_state=prefill_state,
     test_options={"segment": 4},
 )
