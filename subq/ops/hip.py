@@ -655,6 +655,32 @@ def step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: HipCach
     return out.to(q_t.dtype), state
 
 
+def prefill_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  scale: float | None = None, block_q: int = 32, refresh: int | None = None,
+                  **options) -> HipCache:
+    """The state after a prefill of ``T`` tokens, what :func:`step` holds after them: the
+    keys and values up to the last refresh ``t_r`` (the largest multiple of ``refresh`` below
+    ``T``) copied into the cache with the ``block_q`` queries before it, then :func:`step`
+    from ``t_r`` on (the search at ``t_r`` and at most ``refresh - 1`` appends), instead of
+    ``T`` steps."""
+    batch, kv_heads, length, _ = k.shape
+    last = (length - 1) // (block_q if refresh is None else refresh) * (
+        block_q if refresh is None else refresh)
+    capacity = 256
+    while capacity < length:
+        capacity *= 2
+    state = init_state(batch=batch, kv_heads=kv_heads, head_dim=k.shape[-1],
+                       value_dim=v.shape[-1], dtype=k.dtype, device=k.device)
+    state.keys = F.pad(k[:, :, :last], (0, 0, 0, capacity - last))
+    state.values = F.pad(v[:, :, :last], (0, 0, 0, capacity - last))
+    state.length = last
+    state.queries = q[:, :, max(0, last - block_q):last] if last else None
+    for t in range(last, length):
+        _, state = step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state,
+                        scale=scale, block_q=block_q, refresh=refresh, **options)
+    return state
+
+
 MECHANISM = Mechanism(
     name="hip",
     paper="hip",
@@ -689,5 +715,6 @@ MECHANISM = Mechanism(
     ),
     init_state=init_state,
     step=step,
+    prefill_state=prefill_state,
     test_options={"topk": 8, "block_q": 4, "block_k": 2, "sink": 2, "window": 6, "refresh": 4},
 )
