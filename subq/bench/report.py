@@ -145,6 +145,55 @@ def pattern_section(results: dict, pattern: str) -> list[str]:
     return lines + [""]
 
 
+def headline(results: dict) -> list[dict]:
+    """Per pattern and method (``dense`` aside): at the longest length where it and ``dense``
+    both have a forward time, the speed-up ``t_dense / t`` and the memory ratio
+    ``m / m_dense`` (forward peaks), and the efficiency lengths against ``dense``."""
+    index, out = _index(results), []
+    for pattern in _patterns(results):
+        for method in _methods(results, pattern):
+            if method == "dense":
+                continue
+            both = [n for n, _ in series(results, method, pattern, "fwd_ms")
+                    if index.get(("dense", pattern, n), {}).get("status") == "ok"]
+            entry = {"pattern": pattern, "method": method,
+                     "source": _source(results, method), "length": max(both, default=None)}
+            if both:
+                mine, base = index[(method, pattern, max(both))], index[
+                    ("dense", pattern, max(both))]
+                entry["speedup"] = base["fwd_ms"] / mine["fwd_ms"]
+                if mine.get("mem_fwd_mib") and base.get("mem_fwd_mib"):
+                    entry["memory_ratio"] = mine["mem_fwd_mib"] / base["mem_fwd_mib"]
+            baseline = method in BASELINES  # quadratic too: no efficiency length
+            entry["time_length"] = "—" if baseline else efficiency_cell(
+                results, method, pattern, "fwd_ms")
+            entry["memory_length"] = "—" if baseline else efficiency_cell(
+                results, method, pattern, "mem_fwd_mib")
+            out.append(entry)
+    return out
+
+
+def headline_section(results: dict) -> list[str]:
+    """The table a reader looks at first (:func:`headline`): subq's mechanisms, then the
+    peers and the materialised baseline, per pattern."""
+    order = {"subq": 0, "baseline": 2}
+    rows = sorted(headline(results), key=lambda e: (
+        _patterns(results).index(e["pattern"]), order.get(e["source"], 1), e["method"]))
+    lines = ["## Headline", "",
+             "Forward pass, at the longest length where the method and `dense` (SDPA) were "
+             "both measured: speed-up `t_dense / t` (above 1: faster than SDPA), memory "
+             "`m / m_dense` (below 1: leaner), and CAB's efficiency lengths against SDPA "
+             "(the length from which the method is cheaper).", ""]
+    lines += _table(["pattern", "method", "source", "at L", "speed-up", "memory",
+                     "efficiency length (time)", "efficiency length (memory)"], (
+        [e["pattern"], f"`{e['method']}`", e["source"],
+         "—" if e["length"] is None else f"{e['length']:,}",
+         f"{e['speedup']:.2f}×" if "speedup" in e else "not measured",
+         f"{e['memory_ratio']:.2f}×" if "memory_ratio" in e else "—",
+         e["time_length"], e["memory_length"]] for e in rows))
+    return lines + [""]
+
+
 def _error_cell(row: dict | None) -> str:
     if row is None:
         return ""
@@ -171,6 +220,7 @@ def render_markdown(results: dict, image_prefix: str = "") -> str:
              + (f", {grid['total_s']:g} s per run" if grid.get("total_s") else "") + ". "
              "`dense` is SDPA (subq's dense mechanism), `vanilla` the materialised "
              "softmax(QK^T)V that CAB compares against; peers are labelled `peer`.", ""]
+    lines += headline_section(results)
     if results.get("missing_peers"):
         lines += ["Missing peers (not installed or failed to import): "
                   + ", ".join(f"`{k}` ({v})" for k, v in results["missing_peers"].items()), ""]

@@ -1,7 +1,7 @@
 import json
 
 from subq.bench.command import write_docs, write_report
-from subq.bench.report import efficiency, render_markdown
+from subq.bench.report import efficiency, headline, render_markdown
 
 LENGTHS = [256, 512, 1024, 2048]
 
@@ -55,4 +55,23 @@ def test_report_renders_tables_plots_and_docs(tmp_path):
         assert (folder / name).stat().st_size > 1000
     docs = write_docs(folder, tmp_path / "docs").read_text()
     assert "img/bench_time_NS.png" in docs and (tmp_path / "docs/img/bench_error.png").exists()
-    assert render_markdown(synthetic_results()).count("| `vanilla` | baseline |") == 8
+    report = render_markdown(synthetic_results())
+    assert report[report.index("## noncausal self"):].count("| `vanilla` | baseline |") == 8
+
+
+def test_headline_reads_speedup_memory_and_efficiency_at_the_longest_common_length():
+    """The table at the top of the report (issue 21): per method and pattern, the forward
+    speed-up and memory ratio against dense at the longest length both were measured, the
+    efficiency lengths; a method never measured says so; the baseline gets no length."""
+    rows = {(e["pattern"], e["method"]): e for e in headline(synthetic_results())}
+    fast = rows[("noncausal self", "fastthing")]
+    assert fast["length"] == 2048
+    assert abs(fast["speedup"] - (2048 ** 2 * 1e-5) / (2048 * 5e-3)) < 1e-9  # 4.19
+    assert abs(fast["memory_ratio"] - (2048 * 0.05) / (2048 ** 2 * 1e-4)) < 1e-9
+    assert fast["time_length"].startswith("500")
+    peer = rows[("noncausal self", "peerthing")]
+    assert peer["length"] is None and "speedup" not in peer
+    assert rows[("causal self", "vanilla")]["time_length"] == "—"
+    report = render_markdown(synthetic_results())
+    assert report.index("## Headline") < report.index("## noncausal self")
+    assert "| noncausal self | `peerthing` | peer (peerthing) | — | not measured |" in report

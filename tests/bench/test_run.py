@@ -14,6 +14,7 @@ def test_over_budget_configuration_is_recorded_as_skipped(tmp_path):
     assert first["mem_fwd_bwd_mib"] > 0 and first["rel_rms_vs_dense"] == 0.0
     assert (second["length"], second["status"]) == (128, "skipped")
     assert "memory budget" in second["reason"]
+    assert all(r.get("reason") for r in results["rows"] if r["status"] == "skipped")
     assert results["unknown_methods"] == ["no-such-method"]
     write_results(results, tmp_path)
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
