@@ -5,6 +5,7 @@ dispatch to a mechanism's callables. Mechanisms in ``subq.ops`` may assume check
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -290,19 +291,36 @@ def prefill_state(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
     **options: Any,
 ) -> Any:
     """The decoding state after the ``T`` tokens of ``q (B, Hq, T, D)``, ``k (B, Hkv, T, D)``,
     ``v (B, Hkv, T, Dv)``: what :func:`init_state` and ``T`` calls of :func:`step` give (then
     :func:`step` goes on from token ``T``). A mechanism that can build it at once does
-    (``Mechanism.prefill_state``: e.g. a KV cache is the keys and values); the others step."""
+    (``Mechanism.prefill_state``: e.g. a KV cache is the keys and values); the others step.
+
+    ``key_padding_mask (B, T)`` (``True`` = padding, e.g. a left-padded batch of prompts):
+    the padded keys never reach a later step's output, so each row decodes as its prompt
+    would alone. Mechanisms whose ``prefill_state`` takes no ``key_padding_mask`` raise
+    ``NotImplementedError`` naming it."""
     mech = _decoder(method)
     check_qkv(q, k, v)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q, k and v must hold the same tokens, got lengths {q.shape[2]} and "
                          f"{k.shape[2]}")
+    _check_key_padding_mask(key_padding_mask, k)
     resolved = mech.resolve_options(options)
     scale = _resolve_scale(scale, q.shape[-1])
+    padded = key_padding_mask is not None and bool(key_padding_mask.any())
+    if padded:
+        if not _takes_padding(mech):
+            raise NotImplementedError(
+                f"mechanism {method!r} cannot decode after a padded prefill (its state takes no "
+                "key_padding_mask); decoders that can: "
+                f"{[m.name for m in registry.mechanisms() if _takes_padding(m)]}")
+        k, v = neutralise_padding(k, key_padding_mask), neutralise_padding(v, key_padding_mask)
+        return mech.prefill_state(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
+                                  **resolved)
     if mech.prefill_state is not None and q.shape[2] > 0:
         return mech.prefill_state(q, k, v, scale=scale, **resolved)
     state = mech.init_state(batch=k.shape[0], kv_heads=k.shape[1], head_dim=k.shape[-1],
@@ -311,6 +329,11 @@ def prefill_state(
         _, state = mech.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state,
                              scale=scale, **resolved)
     return state
+
+
+def _takes_padding(mech: Mechanism) -> bool:
+    return mech.prefill_state is not None and "key_padding_mask" in inspect.signature(
+        mech.prefill_state).parameters
 
 
 def reorder_state(state: Any, index: torch.Tensor) -> Any:

@@ -225,6 +225,42 @@ def test_prefill_state_continues_like_stepping_from_the_start(mech, prefix):
 
 
 @pytest.mark.parametrize("mech", DECODERS)
+def test_padded_prefill_decodes_each_row_as_alone(mech):
+    """A batch whose rows are left-padded prompts of different lengths: after
+    ``prefill_state(..., key_padding_mask)`` every step of a row equals the same prompt
+    decoded alone (padded keys never reach an output, whatever they hold); a mechanism whose
+    state takes no padding refuses by name."""
+    length, prompt = 50, 30
+    q, k, v = random_qkv(batch=2, lq=length, value_dim=12)
+    options = call_options(mech, q, k, v)
+    pads = [0, 9]
+    padding = torch.zeros(2, prompt, dtype=torch.bool)
+    padding[1, :pads[1]] = True
+    k_garbage = k.clone()
+    k_garbage[1, :, :pads[1]] = float("nan")
+    args = (q[:, :, :prompt], k_garbage[:, :, :prompt], v[:, :, :prompt])
+    try:
+        state = subq.prefill_state(mech.name, *args, key_padding_mask=padding, **options)
+    except NotImplementedError as error:
+        assert "key_padding_mask" in str(error)
+        return
+    for row, pad in enumerate(pads):
+        # tensor options with a batch dimension (NTK's summaries) are the row's own
+        own_options = {name: value[row:row + 1] if isinstance(value, torch.Tensor)
+                       and value.shape[0] == 2 else value for name, value in options.items()}
+        alone = subq.prefill_state(mech.name, q[row:row + 1, :, pad:prompt],
+                                   k[row:row + 1, :, pad:prompt],
+                                   v[row:row + 1, :, pad:prompt], **own_options)
+        batch_state = state
+        for t in range(prompt, length):
+            token = [x[:, :, t:t + 1] for x in (q, k, v)]
+            out, batch_state = subq.step(*token, batch_state, method=mech.name, **options)
+            own, alone = subq.step(*[x[row:row + 1] for x in token], alone, method=mech.name,
+                                   **own_options)
+            assert rel_rms(own, out[row:row + 1]) <= 1e-12, (row, t)
+
+
+@pytest.mark.parametrize("mech", DECODERS)
 def test_reordered_state_decodes_the_reordered_batch(mech):
     """Beam search's cache reorder: after 40 steps the state's rows are kept, dropped and
     duplicated (``index``); stepping on from it equals decoding the reordered sequences from

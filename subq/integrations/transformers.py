@@ -41,8 +41,10 @@ of the layer's last causal prefill (kept, detached, for that purpose), the state
 search reads its representative queries from. Without a matching prefill (the cache holds
 no queries) the rebuild steps with zero queries: still exact for mechanisms whose state is
 a function of the keys and values alone (``dense``'s KV cache, ``local``'s window).
-Generation with a padded batch raises ``NotImplementedError`` (``step`` takes no
-``key_padding_mask``). Only the default ``DynamicCache`` is supported. When beam search
+A left-padded batch decodes where the mechanism's ``prefill_state`` takes the padding
+(``dense``, ``local``, ``linear``, ``ntk``); the others raise
+``NotImplementedError`` naming ``key_padding_mask``. Only the default ``DynamicCache`` is
+supported. When beam search
 reorders the cache's batch rows, each new row is matched to the old row it copies by its
 keys' checksum and the state is reordered with :func:`subq.reorder_state`, not rebuilt.
 """
@@ -368,11 +370,11 @@ def _decode(module, method, options, query, key, value, key_padding_mask, scalin
             f"subq attention {method!r} does not decode token by token, so it cannot use the "
             "KV cache: generate with use_cache=False (every step recomputes the sequence), or "
             f"patch with one of {[m.name for m in registry.mechanisms() if m.decodes]}")
-    if key_padding_mask is not None:
-        raise NotImplementedError(
-            f"generation with a padded batch: subq's step for {method!r} takes no "
-            "key_padding_mask; generate with batch size 1 or prompts of equal length")
     past = key.shape[2] - query.shape[2]
+    if key_padding_mask is not None and bool(key_padding_mask[:, past:].any()):
+        raise NotImplementedError(
+            "generation where a new token is padding: subq decodes left-padded prompts (the "
+            "padding in the prefill), not padding inside the generated tokens")
     record = getattr(module, "_subq_decode", None)
     past_sum = _checksum(key[:, :, :past])
     if record is not None and record.method == method and record.length == past:
@@ -382,9 +384,10 @@ def _decode(module, method, options, query, key, value, key_padding_mask, scalin
         prefill = getattr(module, "_subq_prefill", None)
         queries = (prefill.queries if prefill is not None and prefill.queries.shape[2] == past
                    and _same(prefill.checksum, past_sum) else None)
+        padding = None if key_padding_mask is None else key_padding_mask[:, :past]
         record = _DecodeRecord(method, _replay(method, options, queries, query,
-                                               key[:, :, :past], value[:, :, :past], scaling),
-                               past, past_sum)
+                                               key[:, :, :past], value[:, :, :past], scaling,
+                                               padding), past, past_sum)
     state, outs = record.state, []
     for t in range(past, key.shape[2]):
         out_t, state = subq.step(query[:, :, t - past:t - past + 1], key[:, :, t:t + 1],
@@ -413,13 +416,15 @@ def _reordered(record: _DecodeRecord, past_sum: torch.Tensor) -> _DecodeRecord |
                          old.index_select(0, index))
 
 
-def _replay(method, options, queries, query, key, value, scaling):
+def _replay(method, options, queries, query, key, value, scaling, padding=None):
     """A decoding state that has consumed ``key``/``value`` ``(B, Hkv, T, D)``, with
-    ``queries (B, Hq, T, D)`` (the prefill's) or, when None, zeros shaped like ``query``
-    (:func:`subq.prefill_state`: at once where the mechanism can, else step by step)."""
+    ``queries (B, Hq, T, D)`` (the prefill's) or, when None, zeros shaped like ``query``, and
+    the keys' ``padding (B, T)`` (:func:`subq.prefill_state`: at once where the mechanism
+    can, else step by step; a padded batch where its state takes the padding)."""
     if queries is None:
         queries = query.new_zeros(query.shape[0], query.shape[1], key.shape[2], query.shape[-1])
-    return subq.prefill_state(method, queries, key, value, scale=scaling, **options)
+    return subq.prefill_state(method, queries, key, value, scale=scaling,
+                              key_padding_mask=padding, **options)
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:

@@ -106,3 +106,20 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     empty_row = ~allowed.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(empty_row, 0.0)
     return torch.softmax(scores, dim=-1).masked_fill(empty_row, 0.0)
+
+
+def step_padding(padding: torch.Tensor | None, keys: int) -> torch.Tensor | None:
+    """A decoding cache's key-padding mask ``(B, N)`` (``True`` = padding, from a padded
+    prefill; None: none) after a step appended one real key, kept to the cache's last
+    ``keys`` columns."""
+    if padding is None:
+        return None
+    padding = torch.cat([padding, padding.new_zeros(padding.shape[0], 1)], dim=1)
+    return padding[:, padding.shape[1] - keys:]
+
+
+def visible_keys(padding: torch.Tensor | None, keys: int, device) -> torch.Tensor:
+    """``(B | 1, 1, 1, keys)`` bool: the cached keys a decoding query may attend to."""
+    if padding is None:
+        return torch.ones(1, 1, 1, keys, dtype=torch.bool, device=device)
+    return ~padding[:, None, None, :]

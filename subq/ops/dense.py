@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..registry import ALL_PATTERNS, Mechanism
 from . import masks
-from .common import repeat_kv
+from .common import repeat_kv, step_padding
 from .reference import masked_attention, masked_weights
 
 
@@ -58,10 +58,12 @@ def weights(q, k, *, causal=False, cross=False, scale=None, key_padding_mask=Non
 
 @dataclass
 class KVCache:
-    """Every key and value seen so far, ``(B, Hkv, t, D)`` and ``(B, Hkv, t, Dv)``."""
+    """Every key and value seen so far, ``(B, Hkv, t, D)`` and ``(B, Hkv, t, Dv)``, and which
+    of them are padding (``(B, t)``, from a padded prefill; None: none)."""
 
     keys: torch.Tensor
     values: torch.Tensor
+    padding: torch.Tensor | None = None
 
 
 def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device) -> KVCache:
@@ -69,15 +71,18 @@ def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device) -> KVCach
                    torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device))
 
 
-def prefill_state(q, k, v, *, scale=None) -> KVCache:
-    """The cache after a prefill: its keys and values."""
-    return KVCache(k, v)
+def prefill_state(q, k, v, *, scale=None, key_padding_mask=None) -> KVCache:
+    """The cache after a prefill: its keys and values (and its padding)."""
+    return KVCache(k, v, key_padding_mask)
 
 
 def step(q_t, k_t, v_t, state: KVCache, *, scale=None) -> tuple[torch.Tensor, KVCache]:
-    """Append (k_t, v_t) to the cache and attend to all of it."""
-    state = KVCache(torch.cat([state.keys, k_t], dim=2), torch.cat([state.values, v_t], dim=2))
-    return dense_attention(q_t, state.keys, state.values, scale=scale), state
+    """Append (k_t, v_t) to the cache and attend to all of it but its padding."""
+    keys = torch.cat([state.keys, k_t], dim=2)
+    state = KVCache(keys, torch.cat([state.values, v_t], dim=2),
+                    step_padding(state.padding, keys.shape[2]))
+    return dense_attention(q_t, state.keys, state.values, scale=scale,
+                           key_padding_mask=state.padding), state
 
 
 MECHANISM = Mechanism(

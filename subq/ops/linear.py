@@ -209,9 +209,11 @@ def init_state(*, batch: int, kv_heads: int, head_dim: int, value_dim: int,
 
 def prefill_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   scale: float | None = None, feature_map: str = "relu",
-                  eps: float = DEFAULT_EPS, chunk: int = DEFAULT_CHUNK) -> LinearState:
-    """The state after a prefill: ``S = sum_j phi(k_j)^T [v_j, 1]`` over its tokens."""
-    _, pk = _features(q[:, :, :0], k, None, feature_map, eps)
+                  eps: float = DEFAULT_EPS, chunk: int = DEFAULT_CHUNK,
+                  key_padding_mask: torch.Tensor | None = None) -> LinearState:
+    """The state after a prefill: ``S = sum_j phi(k_j)^T [v_j, 1]`` over its tokens (padding
+    keys left out)."""
+    _, pk = _features(q[:, :, :0], k, key_padding_mask, feature_map, eps)
     return LinearState(pk.transpose(-1, -2) @ _with_ones(v.to(pk.dtype)))
 
 

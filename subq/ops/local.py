@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..registry import SELF_PATTERNS, Mechanism, Option
 from . import masks
+from .common import step_padding, visible_keys
 from .reference import masked_attention, masked_weights
 
 DEFAULT_WINDOW = 256
@@ -101,10 +102,12 @@ def weights(q, k, *, causal=False, cross=False, scale=None, key_padding_mask=Non
 
 @dataclass
 class RollingCache:
-    """The last ``window`` keys and values, ``(B, Hkv, <= window, D)``."""
+    """The last ``window`` keys and values, ``(B, Hkv, <= window, D)``, and which of them are
+    padding (``(B, <= window)``, from a padded prefill; None: none)."""
 
     keys: torch.Tensor
     values: torch.Tensor
+    padding: torch.Tensor | None = None
 
 
 def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device,
@@ -113,10 +116,12 @@ def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device,
                         torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device))
 
 
-def prefill_state(q, k, v, *, scale=None, window=DEFAULT_WINDOW) -> RollingCache:
-    """The cache after a prefill: its last ``window`` keys and values."""
+def prefill_state(q, k, v, *, scale=None, window=DEFAULT_WINDOW, key_padding_mask=None
+                  ) -> RollingCache:
+    """The cache after a prefill: its last ``window`` keys and values (and their padding)."""
     first = max(0, k.shape[2] - window)
-    return RollingCache(k[:, :, first:], v[:, :, first:])
+    return RollingCache(k[:, :, first:], v[:, :, first:],
+                        None if key_padding_mask is None else key_padding_mask[:, first:])
 
 
 def step(q_t, k_t, v_t, state: RollingCache, *, scale=None, window=DEFAULT_WINDOW
@@ -124,12 +129,13 @@ def step(q_t, k_t, v_t, state: RollingCache, *, scale=None, window=DEFAULT_WINDO
     """Attend to the cached ``window`` keys and the current one, then roll the cache."""
     keys = torch.cat([state.keys, k_t], dim=2)
     values = torch.cat([state.values, v_t], dim=2)
-    allowed = torch.ones(1, 1, 1, keys.shape[2], dtype=torch.bool, device=q_t.device)
+    padding = step_padding(state.padding, keys.shape[2])
     scale = q_t.shape[-1] ** -0.5 if scale is None else scale
-    out = masked_attention(q_t, keys, values, allowed, scale)
-    keep = keys.shape[2] - window
-    return out, RollingCache(keys[:, :, keep:] if keep > 0 else keys,
-                             values[:, :, keep:] if keep > 0 else values)
+    out = masked_attention(q_t, keys, values, visible_keys(padding, keys.shape[2], q_t.device),
+                           scale)
+    keep = max(0, keys.shape[2] - window)
+    return out, RollingCache(keys[:, :, keep:], values[:, :, keep:],
+                             None if padding is None else padding[:, keep:])
 
 
 MECHANISM = Mechanism(

@@ -39,6 +39,7 @@ from .common import (
     fused_kernel_applies,
     new_empty,
     repeat_kv,
+    step_padding,
 )
 
 _BLOCK_ROWS = 512
@@ -228,10 +229,12 @@ def reference(q, k, v, *, causal=False, cross=False, scale=None, key_padding_mas
 
 @dataclass
 class KVCache:
-    """Every input key and value seen so far, ``(B, Hkv, t, D)`` and ``(B, Hkv, t, Dv)``."""
+    """Every input key and value seen so far, ``(B, Hkv, t, D)`` and ``(B, Hkv, t, Dv)``, and
+    which of them are padding (``(B, t)``, from a padded prefill; None: none)."""
 
     keys: torch.Tensor
     values: torch.Tensor
+    padding: torch.Tensor | None = None
 
 
 def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, z=None, kz=None
@@ -240,16 +243,21 @@ def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, z=None, k
                    torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device))
 
 
-def prefill_state(q, k, v, *, scale=None, z=None, kz=None) -> KVCache:
-    """The cache after a prefill: its keys and values (the prefix summaries are options)."""
-    return KVCache(k, v)
+def prefill_state(q, k, v, *, scale=None, z=None, kz=None, key_padding_mask=None) -> KVCache:
+    """The cache after a prefill: its keys and values and padding (the prefix summaries are
+    options)."""
+    return KVCache(k, v, key_padding_mask)
 
 
 def step(q_t, k_t, v_t, state: KVCache, *, scale=None, z=None, kz=None
          ) -> tuple[torch.Tensor, KVCache]:
-    """Append (k_t, v_t) to the cache; attend to it and to the prefix summaries."""
-    state = KVCache(torch.cat([state.keys, k_t], dim=2), torch.cat([state.values, v_t], dim=2))
-    out = ntk_attention(q_t, state.keys, state.values, cross=True, scale=scale, z=z, kz=kz)
+    """Append (k_t, v_t) to the cache; attend to it (but its padding) and to the prefix
+    summaries."""
+    keys = torch.cat([state.keys, k_t], dim=2)
+    state = KVCache(keys, torch.cat([state.values, v_t], dim=2),
+                    step_padding(state.padding, keys.shape[2]))
+    out = ntk_attention(q_t, state.keys, state.values, cross=True, scale=scale,
+                        key_padding_mask=state.padding, z=z, kz=kz)
     return out, state
 
 

@@ -22,6 +22,11 @@ HAS_HIP = "hip" in {m.name for m in subq.mechanisms()}
 needs_hip = pytest.mark.skipif(not HAS_HIP, reason="the hip mechanism is not registered yet")
 # HiP with a key budget at least the context: every block is selected, so HiP is dense.
 HIP_ALL_KEYS = dict(topk=512, block_q=4, block_k=2, sink=2, window=8, refresh=4)
+# Options that make each decoding mechanism differ from dense on the tiny model's short texts.
+SPARSE_OPTIONS = {"local": dict(window=3), "scout": dict(segment=4),
+                  "hax": dict(k_lsh=3, k_ks=3, num_hash=2),
+                  "hip": dict(topk=4, block_q=4, block_k=2, sink=1, window=2, refresh=4)}
+DECODERS = [m.name for m in subq.mechanisms() if m.decodes]
 
 
 def test_register_names_every_mechanism():
@@ -174,15 +179,34 @@ def test_ntk_prefixes_start_as_the_stock_model_and_train():
     assert not any("ntk_prefix" in name for name, _ in model.named_parameters())
 
 
-def test_padding_is_refused_in_cached_generation():
+PADDED_DECODERS = ["dense", "local", "linear", "ntk"]
+
+
+@pytest.mark.parametrize("method", DECODERS)
+def test_a_left_padded_batch_generates_each_prompt_as_alone(method):
+    """Two prompts of different lengths, left-padded into one batch: with the cache, each row
+    generates the tokens its prompt generates alone (issue 23); mechanisms whose decode state
+    cannot take the padding refuse by name."""
     model = tiny_llama()
-    hf.patch(model, "local", window=4)
-    ids = torch.randint(1, 97, (2, 6))
-    mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(NotImplementedError, match="key_padding_mask"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
-                       pad_token_id=0)
+    hf.patch(model, method, layers=[1, 2], **SPARSE_OPTIONS.get(method, {}))
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(1, 97, (1, n), generator=g) for n in (11, 7)]
+    ids = torch.zeros(2, 11, dtype=torch.long)
+    mask = torch.zeros(2, 11, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, 11 - prompt.shape[1]:], mask[row, 11 - prompt.shape[1]:] = prompt, 1
+
+    def generate(ids, mask):
+        return model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)[:, -6:]
+
+    if method not in PADDED_DECODERS:
+        with pytest.raises(NotImplementedError, match="key_padding_mask"):
+            generate(ids, mask)
+        return
+    batch = generate(ids, mask)
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(batch[row], generate(prompt, torch.ones_like(prompt))[0]), row
 
 
 def test_dense_generation_with_cache_matches_stock():
@@ -223,13 +247,6 @@ def test_hip_cached_generation_equals_recompute():
     cached = generate(model, ids, cache=True)
     assert cached.shape[1] == 23 + 8
     assert torch.equal(cached, generate(model, ids, cache=False))
-
-
-# Options that make each decoding mechanism differ from dense on the tiny model's short texts.
-SPARSE_OPTIONS = {"local": dict(window=3), "scout": dict(segment=4),
-                  "hax": dict(k_lsh=3, k_ks=3, num_hash=2),
-                  "hip": dict(topk=4, block_q=4, block_k=2, sink=1, window=2, refresh=4)}
-DECODERS = [m.name for m in subq.mechanisms() if m.decodes]
 
 
 @pytest.mark.parametrize("method", DECODERS)
