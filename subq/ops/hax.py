@@ -426,10 +426,11 @@ def hax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     """
     if key_padding_mask is not None:
         raise NotImplementedError(
-            "hax does not support key_padding_mask: pad on the right and pass no mask for "
-            "training or scoring (a causal query never sees later keys, so right padding "
-            "reaches no real output); left-padded generation is not supported: generate one "
-            "prompt at a time")
+            "hax does not support key_padding_mask (its buckets and key selection count "
+            "every key). Calling subq directly, for training or scoring: put padding at the "
+            "end and pass no mask (a causal query never sees later keys). In transformers, "
+            "whose generation pads on the left: batch prompts of equal length, or one at a "
+            "time")
     options = _options(options)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if options["arch"] == "full":

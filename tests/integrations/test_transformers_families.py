@@ -14,16 +14,17 @@ from .families import CAUSAL_LMS, FAMILIES, tiny_family  # noqa: E402
 from .llama import rel  # noqa: E402
 
 
-def _inputs(family: str):
-    """Model inputs with padding where the family takes it, and the mask of real outputs."""
+def _inputs(family: str, padded: bool = True):
+    """Model inputs with padding where the family takes it (and ``padded``), and the mask of
+    real outputs."""
     if family == "vit":
         return {"pixel_values": torch.randn(2, 3, 16, 16,
                                             generator=torch.Generator().manual_seed(1))}, None
     ids = torch.randint(1, 97, (2, 17), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    if family == "bert":
+    if padded and family == "bert":
         mask[1, -4:] = 0
-    else:
+    elif padded:
         mask[1, :4] = 0
     return {"input_ids": ids, "attention_mask": mask}, mask.bool()[:, :, None]
 
@@ -33,10 +34,11 @@ def _output(model, inputs):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dense_equals_stock_with_padding(family):
+def test_dense_equals_stock_with_and_without_padding(family, padded):
     model = tiny_family(family)
-    inputs, real = _inputs(family)
+    inputs, real = _inputs(family, padded)
     with torch.no_grad():
         stock = _output(model, inputs)
         hf.patch(model, "dense")
