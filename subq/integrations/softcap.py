@@ -48,9 +48,8 @@ def softcapped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         scores = softcap * torch.tanh(scores / softcap)
         i = torch.arange(start, stop, device=query.device)[:, None] + shift
         j = torch.arange(first, last, device=query.device)[None, :]
-        allowed = torch.ones(stop - start, last - first, dtype=torch.bool, device=query.device)
-        if causal:
-            allowed = j <= i
+        allowed = (j <= i) if causal else torch.ones_like(j, dtype=torch.bool).expand(
+            stop - start, -1)
         if window is not None:
             allowed = allowed & (j > i - window)
         allowed = allowed.expand(batch, 1, -1, -1)

@@ -235,8 +235,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                 "attention_probs_dropout_prob or attn_pdrop, by family) to train with it")
         band = None
         if method == "local":
-            width = registry.get("local").resolve_options(dict(options))["window"]
-            band = masks.window_mask(lq, lk, width, causal, query.device)
+            band = masks.window_mask(lq, lk, _local_window(options), causal, query.device)
         out = _dense_sdpa(query, key, value, key_padding_mask, causal, scaling, dropout,
                           band=band)
     elif causal and lq < lk:
@@ -252,6 +251,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 def _layer(module: torch.nn.Module) -> str:
     return str(getattr(module, "layer_idx", "?"))
+
+
+def _local_window(options: dict[str, Any]) -> int:
+    """``local``'s ``window`` in ``options`` (its default where absent)."""
+    return registry.get("local").resolve_options(dict(options))["window"]
 
 
 def _sliding_window(module, attention_mask, sliding_window: int | None) -> int | None:
@@ -276,8 +280,7 @@ def _windowed(module, method: str, options: dict[str, Any], window: int, keys: i
     if method == "dense":
         return "local", {"window": window - 1}
     if method == "local":
-        own = registry.get("local").resolve_options(dict(options))["window"]
-        return "local", {**options, "window": min(own, window - 1)}
+        return "local", {**options, "window": min(_local_window(options), window - 1)}
     if window >= keys:
         return method, options
     raise NotImplementedError(
@@ -300,7 +303,7 @@ def _softcapped(module, method, options, query, key, value, key_padding_mask, ca
             f"only, not {method!r}: patch this layer with one of them, or leave it out of "
             "patch(layers=...)")
     if method == "local":
-        own = registry.get("local").resolve_options(dict(options))["window"] + 1
+        own = _local_window(options) + 1  # keys seen, the query's own included
         window = own if window is None else min(window, own)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     return softcapped_attention(query, key, value, softcap=softcap, scale=scale, causal=causal,

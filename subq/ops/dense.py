@@ -76,11 +76,16 @@ def prefill_state(q, k, v, *, scale=None, key_padding_mask=None) -> KVCache:
     return KVCache(k, v, key_padding_mask)
 
 
+def appended(state: KVCache, k_t: torch.Tensor, v_t: torch.Tensor) -> KVCache:
+    """The cache with one real (not padding) key and value appended."""
+    keys = torch.cat([state.keys, k_t], dim=2)
+    return KVCache(keys, torch.cat([state.values, v_t], dim=2),
+                   step_padding(state.padding, keys.shape[2]))
+
+
 def step(q_t, k_t, v_t, state: KVCache, *, scale=None) -> tuple[torch.Tensor, KVCache]:
     """Append (k_t, v_t) to the cache and attend to all of it but its padding."""
-    keys = torch.cat([state.keys, k_t], dim=2)
-    state = KVCache(keys, torch.cat([state.values, v_t], dim=2),
-                    step_padding(state.padding, keys.shape[2]))
+    state = appended(state, k_t, v_t)
     return dense_attention(q_t, state.keys, state.values, scale=scale,
                            key_padding_mask=state.padding), state
 

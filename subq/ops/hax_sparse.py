@@ -104,7 +104,7 @@ class _Chunk:
         self.groups = q.shape[1] // k.shape[1]
         self.k_own = gather_rows(k, slots.idx[:, :, part])           # (B, Hq, r, n, D)
         self.v_own = gather_rows(v, slots.idx[:, :, part])
-        self.blocks = None
+        self.blocks = self.k_cand = self.v_cand = None
         if slots.cand is not None:
             first = part.start // slots.size
             self.blocks = -(-(part.stop - part.start) // slots.size)
@@ -149,7 +149,7 @@ def _forward(q, k, v, slots: SparseSlots, rows: int | None, with_lse: bool):
         chunk = _Chunk(slots, q, k, v, part)
         logits, allowed = chunk.logits()
         p = masked_softmax(logits, allowed)
-        out[:, :, part] = chunk.mix(p, chunk.v_own, getattr(chunk, "v_cand", None))
+        out[:, :, part] = chunk.mix(p, chunk.v_own, chunk.v_cand)
         if with_lse:
             lse[:, :, part] = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")),
                                               dim=-1).nan_to_num(neginf=0.0)
@@ -184,7 +184,7 @@ class _SparseSoftmax(torch.autograd.Function):
                 dp = torch.cat([dp, chunk._rows(
                     chunk._blocks(g) @ chunk.v_cand.transpose(-1, -2))], dim=-1)
             ds = p * (dp - delta[:, :, part, None]) * slots.scale
-            dq[:, :, part] = chunk.mix(ds, chunk.k_own, getattr(chunk, "k_cand", None))
+            dq[:, :, part] = chunk.mix(ds, chunk.k_own, chunk.k_cand)
             own = slots.idx[:, :, part]
             _scatter_rows(dk, own, ds[..., :n, None] * chunk.q[..., None, :])
             _scatter_rows(dv, own, p[..., :n, None] * g[..., None, :])

@@ -663,18 +663,15 @@ def prefill_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     ``T``) copied into the cache with the ``block_q`` queries before it, then :func:`step`
     from ``t_r`` on (the search at ``t_r`` and at most ``refresh - 1`` appends), instead of
     ``T`` steps."""
-    batch, kv_heads, length, _ = k.shape
-    last = (length - 1) // (block_q if refresh is None else refresh) * (
-        block_q if refresh is None else refresh)
-    capacity = 256
+    length = k.shape[2]
+    every = block_q if refresh is None else refresh
+    last = (length - 1) // every * every
+    capacity = 256  # init_state's, doubled as _append doubles it
     while capacity < length:
         capacity *= 2
-    state = init_state(batch=batch, kv_heads=kv_heads, head_dim=k.shape[-1],
-                       value_dim=v.shape[-1], dtype=k.dtype, device=k.device)
-    state.keys = F.pad(k[:, :, :last], (0, 0, 0, capacity - last))
-    state.values = F.pad(v[:, :, :last], (0, 0, 0, capacity - last))
-    state.length = last
-    state.queries = q[:, :, max(0, last - block_q):last] if last else None
+    state = HipCache(F.pad(k[:, :, :last], (0, 0, 0, capacity - last)),
+                     F.pad(v[:, :, :last], (0, 0, 0, capacity - last)), length=last,
+                     queries=q[:, :, max(0, last - block_q):last] if last else None)
     for t in range(last, length):
         _, state = step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state,
                         scale=scale, block_q=block_q, refresh=refresh, **options)

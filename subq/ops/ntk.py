@@ -25,13 +25,11 @@ Options: ``z`` ``(B|1, Hq|1, d, dv)`` and ``kz`` ``(B|1, Hq|1, d)``; ``None`` me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from ..registry import ALL_PATTERNS, Mechanism, Option
-from . import masks
+from . import dense, masks
 from .common import (
     accumulation_dtype,
     fused_attention_backward,
@@ -39,8 +37,8 @@ from .common import (
     fused_kernel_applies,
     new_empty,
     repeat_kv,
-    step_padding,
 )
+from .dense import KVCache
 
 _BLOCK_ROWS = 512
 
@@ -227,25 +225,15 @@ def reference(q, k, v, *, causal=False, cross=False, scale=None, key_padding_mas
     return _divide(num, e.sum(dim=-1) + p_den).to(q.dtype)
 
 
-@dataclass
-class KVCache:
-    """Every input key and value seen so far, ``(B, Hkv, t, D)`` and ``(B, Hkv, t, Dv)``, and
-    which of them are padding (``(B, t)``, from a padded prefill; None: none)."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    padding: torch.Tensor | None = None
-
-
 def init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, z=None, kz=None
                ) -> KVCache:
-    return KVCache(torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device),
-                   torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device))
+    """Dense attention's KV cache (the prefix summaries are options, not state)."""
+    return dense.init_state(batch=batch, kv_heads=kv_heads, head_dim=head_dim,
+                            value_dim=value_dim, dtype=dtype, device=device)
 
 
 def prefill_state(q, k, v, *, scale=None, z=None, kz=None, key_padding_mask=None) -> KVCache:
-    """The cache after a prefill: its keys and values and padding (the prefix summaries are
-    options)."""
+    """The cache after a prefill: its keys and values and padding."""
     return KVCache(k, v, key_padding_mask)
 
 
@@ -253,9 +241,7 @@ def step(q_t, k_t, v_t, state: KVCache, *, scale=None, z=None, kz=None
          ) -> tuple[torch.Tensor, KVCache]:
     """Append (k_t, v_t) to the cache; attend to it (but its padding) and to the prefix
     summaries."""
-    keys = torch.cat([state.keys, k_t], dim=2)
-    state = KVCache(keys, torch.cat([state.values, v_t], dim=2),
-                    step_padding(state.padding, keys.shape[2]))
+    state = dense.appended(state, k_t, v_t)
     out = ntk_attention(q_t, state.keys, state.values, cross=True, scale=scale,
                         key_padding_mask=state.padding, z=z, kz=kz)
     return out, state
