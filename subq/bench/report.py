@@ -213,8 +213,9 @@ def render_markdown(results: dict, image_prefix: str = "") -> str:
     """The report: machine line, per-pattern tables, plots, skipped and failed configurations."""
     grid = results["grid"]
     lines = ["# subq efficiency benchmark (CAB-style)", "", machine_line(results), "",
-             f"Run time {results['wall_s'] / 60:.1f} min. Times: median of ≥ 5 timed runs after "
-             "a warm-up, forward without autograd; memory: peak above the baseline after "
+             f"Run time {results['wall_s'] / 60:.1f} min. Times: median of 3 to 20 timed runs "
+             "(as many as fit 1.5 s; the count is in results.json) after a warm-up, forward "
+             "without autograd; memory: peak above the baseline after "
              "imports and inputs, each configuration in a fresh child process. Budgets: "
              f"{grid['memory_gib']:g} GiB, {grid['time_s']:g} s per call"
              + (f", {grid['total_s']:g} s per run" if grid.get("total_s") else "") + ". "

@@ -18,14 +18,21 @@ import torch
 import subq
 from subq.registry import Pattern
 
-from .measure import Config, make_inputs, memory_job, time_config
+from .measure import (
+    REPEATS,
+    TIME_TARGET_MS,
+    Config,
+    make_inputs,
+    memory_job,
+    repeats_for,
+    time_config,
+)
 from .memory import run_in_child
 from .methods import Method, all_methods, missing_peers
 
 GIB = 2.0 ** 30
-#: A configuration is predicted to cost this many calls of forward+backward (and of forward):
-#: one warm-up and five timed runs each, plus the memory child's two.
-_CALLS_PER_CONFIG = 8
+#: The memory child may take this many per-call budgets before it is stopped.
+_CHILD_CALLS = 8
 CSV_FIELDS = ["method", "source", "pattern", "length", "status", "reason", "fwd_ms",
               "fwd_bwd_ms", "mem_fwd_mib", "mem_fwd_bwd_mib", "rel_rms_vs_dense", "repeats"]
 
@@ -88,7 +95,7 @@ def machine_info(grid: Grid) -> dict:
 def _predict(series: list[dict], key: str, length: int) -> float | None:
     """Extrapolate ``key`` to ``length`` from the last two measured points (log-log slope
     clamped to [1, 2.5]; slope 2 from a single point)."""
-    points = [(r["length"], r[key]) for r in series if r.get(key)]
+    points = [(r["length"], r[key]) for r in series if r.get("status") == "ok" and r.get(key)]
     if not points:
         return None
     (l1, y1) = points[-1]
@@ -100,9 +107,17 @@ def _predict(series: list[dict], key: str, length: int) -> float | None:
 
 
 def budget_reason(series: list[dict], length: int, grid: Grid, elapsed: float) -> str | None:
-    """Why a configuration is skipped (a budget it would exceed), or ``None`` to measure it."""
-    if any(r["status"] != "ok" for r in series):
-        return "a smaller length of this method and pattern was skipped or failed"
+    """Why one configuration is skipped, or ``None`` to measure it.
+
+    Each reason names the budget and the prediction for this call, extrapolated from the
+    lengths measured before it (a length skipped for a budget only predicts a longer one
+    past it too). A method that failed at a smaller length is not retried. The run budget
+    applies only when one is set (``grid.total_s``): the default grid is chosen to fit
+    without it, so that no cell it lists goes unmeasured for lack of run time.
+    """
+    failed = [r for r in series if r["status"] == "error"]
+    if failed:
+        return f"failed at L={failed[0]['length']} ({failed[0].get('reason', 'error')[:80]})"
     mem = max(filter(None, [_predict(series, "mem_fwd_mib", length),
                             _predict(series, "mem_fwd_bwd_mib", length)]), default=None)
     if mem is not None and mem * 2.0 ** 20 > grid.memory_gib * GIB:
@@ -111,13 +126,23 @@ def budget_reason(series: list[dict], length: int, grid: Grid, elapsed: float) -
                                 _predict(series, "fwd_bwd_ms", length)]), default=None)
     yardstick = bool(series) and series[0].get("method") == "dense"  # every ratio needs it
     if call_ms is not None and call_ms / 1e3 > grid.time_s and not yardstick:
-        return f"predicted {call_ms / 1e3:.0f} s per call > time budget {grid.time_s:g} s"
-    if call_ms is not None:
-        cost = _CALLS_PER_CONFIG * sum(filter(None, [_predict(series, "fwd_ms", length),
-                                                     _predict(series, "fwd_bwd_ms", length)]))
-        if elapsed + cost / 1e3 > grid.total_s:
-            return f"predicted {cost / 1e3:.0f} s would pass the run budget {grid.total_s:g} s"
+        return f"predicted {call_ms / 1e3:.1f} s per call > time budget {grid.time_s:g} s"
+    if call_ms is not None and math.isfinite(grid.total_s):
+        cost = predicted_cost_s(_predict(series, "fwd_ms", length),
+                                _predict(series, "fwd_bwd_ms", length))
+        if elapsed + cost > grid.total_s:
+            return f"predicted {cost:.0f} s would pass the run budget {grid.total_s:g} s"
     return None
+
+
+def predicted_cost_s(fwd_ms: float | None, fwd_bwd_ms: float | None) -> float:
+    """Seconds one configuration takes: its warm-up and timed calls (:func:`repeats_for`
+    with the defaults of :func:`time_config`), plus the memory child's calls."""
+    total = 0.0
+    for call_ms, extra_calls in ((fwd_ms, 3), (fwd_bwd_ms, 2)):
+        if call_ms:
+            total += (repeats_for(call_ms, TIME_TARGET_MS, *REPEATS) + extra_calls) * call_ms
+    return total / 1e3
 
 
 def _dense_output(config: Config) -> torch.Tensor:
@@ -134,7 +159,7 @@ def measure_one(config: Config, grid: Grid, dense_out: torch.Tensor | None) -> d
         row.update(time_config(config, dense_out))
     except Exception as exc:  # recorded, the run goes on
         return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-    status, payload = run_in_child(memory_job, (config,), timeout=_CALLS_PER_CONFIG * grid.time_s)
+    status, payload = run_in_child(memory_job, (config,), timeout=_CHILD_CALLS * grid.time_s)
     if status == "ok":
         row.update(payload)
     else:
@@ -143,17 +168,18 @@ def measure_one(config: Config, grid: Grid, dense_out: torch.Tensor | None) -> d
 
 
 def run_grid(grid: Grid, progress=None) -> dict:
-    """Measure the grid pattern by pattern (self attention first) and, within a pattern,
-    length by length, so the run budget cuts the cross patterns' largest lengths first;
-    return the results document (machine, grid, missing peers, one row per configuration)."""
+    """Measure the grid length by length and, at each length, pattern by pattern, so every
+    pattern reaches the long lengths (a run budget, when one is set, cuts the longest lengths
+    of every pattern alike); return the results document (machine, grid, missing peers, one
+    row per configuration)."""
     torch.set_num_threads(grid.threads)
     methods = all_methods()
     chosen: list[Method] = [methods[name] for name in grid.methods if name in methods]
     rows: list[dict] = []
     series: dict[tuple[str, Pattern], list[dict]] = {}
     start = time.perf_counter()
-    for pattern in grid.patterns:
-        for length in sorted(grid.lengths):
+    for length in sorted(grid.lengths):
+        for pattern in grid.patterns:
             dense_out = None
             for method in chosen:
                 if pattern not in method.patterns:

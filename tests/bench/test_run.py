@@ -30,4 +30,4 @@ def test_time_budget_and_failed_smaller_length_skip():
     assert budget_reason([{**fast, "method": "dense"}], 4000, grid, 0.0) is None
     huge = {**fast, "method": "dense", "mem_fwd_mib": 2.0 ** 20}
     assert "memory budget" in budget_reason([huge], 4000, grid, 0.0)
-    assert "skipped or failed" in budget_reason([{"status": "error", "length": 10}], 20, grid, 0)
+    assert "failed at L=10" in budget_reason([{"status": "error", "length": 10}], 20, grid, 0)
