@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from . import registry
+from .padded_rows import RowStates
 from .registry import Mechanism, Pattern
 
 
@@ -281,8 +282,11 @@ def step(
     for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
         if x.shape[2] != 1:
             raise ValueError(f"{name} must hold one token (length 1), got length {x.shape[2]}")
-    return mech.step(q_t, k_t, v_t, state, scale=_resolve_scale(scale, q_t.shape[-1]),
-                     **mech.resolve_options(options))
+    scale, resolved = _resolve_scale(scale, q_t.shape[-1]), mech.resolve_options(options)
+    if isinstance(state, RowStates):
+        return state.step(lambda q, k, v, s: mech.step(q, k, v, s, scale=scale, **resolved),
+                          q_t, k_t, v_t)
+    return mech.step(q_t, k_t, v_t, state, scale=scale, **resolved)
 
 
 def prefill_state(
@@ -301,8 +305,11 @@ def prefill_state(
 
     ``key_padding_mask (B, T)`` (``True`` = padding, e.g. a left-padded batch of prompts):
     the padded keys never reach a later step's output, so each row decodes as its prompt
-    would alone. Mechanisms whose ``prefill_state`` takes no ``key_padding_mask`` raise
-    ``NotImplementedError`` naming it."""
+    would alone. Mechanisms whose ``prefill_state`` takes the padding (their layout has no
+    absolute position) hold one state for the batch; the others (HiP, SCOUT, HAX: blocks and
+    segments counted from the first token) hold one state per row, built from its real tokens
+    alone (:class:`subq.padded_rows.RowStates`; :func:`step` and :func:`reorder_state` follow
+    it), at the cost of a call per row and step."""
     mech = _decoder(method)
     check_qkv(q, k, v)
     if q.shape[2] != k.shape[2]:
@@ -312,12 +319,11 @@ def prefill_state(
     resolved = mech.resolve_options(options)
     scale = _resolve_scale(scale, q.shape[-1])
     padded = key_padding_mask is not None and bool(key_padding_mask.any())
+    if padded and padding_by_rows(method):
+        return RowStates.prefill(
+            lambda q, k, v: prefill_state(method, q, k, v, scale=scale, **options),
+            q, k, v, key_padding_mask)
     if padded:
-        if not _takes_padding(mech):
-            raise NotImplementedError(
-                f"mechanism {method!r} cannot decode after a padded prefill (its state takes no "
-                "key_padding_mask); decoders that can: "
-                f"{[m.name for m in registry.mechanisms() if _takes_padding(m)]}")
         k, v = neutralise_padding(k, key_padding_mask), neutralise_padding(v, key_padding_mask)
         return mech.prefill_state(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
                                   **resolved)
@@ -331,8 +337,12 @@ def prefill_state(
     return state
 
 
-def _takes_padding(mech: Mechanism) -> bool:
-    return mech.prefill_state is not None and "key_padding_mask" in inspect.signature(
+def padding_by_rows(method: str) -> bool:
+    """Whether a padded batch of ``method`` runs row by row (:mod:`subq.padded_rows`): it
+    decodes, but its ``prefill_state`` takes no ``key_padding_mask``, because its layout counts
+    positions from the first token, which padding would shift."""
+    mech = _decoder(method)
+    return mech.prefill_state is None or "key_padding_mask" not in inspect.signature(
         mech.prefill_state).parameters
 
 
@@ -343,13 +353,16 @@ def reorder_state(state: Any, index: torch.Tensor) -> Any:
     A decoding state is a dataclass whose tensor fields are batch-first, except those its class
     names in ``UNBATCHED`` (e.g. HAX's shared projections and positions); each batched field is
     ``index_select``-ed along dim 0, the rest are kept. Stepping the reordered state equals
-    stepping a state built from the reordered sequences."""
+    stepping a state built from the reordered sequences. A padded batch's
+    :class:`~subq.padded_rows.RowStates` reorders its rows, each a copy."""
     if not dataclasses.is_dataclass(state):
         raise ValueError(f"state must be a mechanism's decoding state (a dataclass), got "
                          f"{type(state).__name__}")
     if index.dim() != 1 or index.dtype != torch.long:
         raise ValueError(f"index must be a 1-D long tensor of batch rows, got "
                          f"{tuple(index.shape)} {index.dtype}")
+    if isinstance(state, RowStates):
+        return state.reorder(index, reorder_state)
     keep = getattr(state, "UNBATCHED", ())
     changes = {}
     for field in dataclasses.fields(state):

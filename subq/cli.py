@@ -55,6 +55,7 @@ def _list(args: argparse.Namespace) -> int:
 COMMAND_MODULES: tuple[str, ...] = (
     "subq.bench.command",
     "subq.bench.lm_eval",
+    "subq.bench.lm_generate",
     "subq.recipes.recall",
     "subq.recipes.lm",
     "subq.recipes.vision",

@@ -12,9 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from subq.registry import Pattern  # noqa: E402
 
-from .report import BASELINES, _methods, _patterns, efficiency, series  # noqa: E402
+from .cab import EXTRAPOLATION_FACTOR  # noqa: E402
+from .report import (  # noqa: E402
+    BASELINES,
+    _lengths,
+    _methods,
+    _patterns,
+    efficiency,
+    efficiency_cell,
+    series,
+)
 
-_STYLE = {"subq": "-", "peer": "--", "baseline": ":"}
+#: Line style and marker by source: subq's mechanisms solid with circles, peers dashed with
+#: squares, the baselines (dense SDPA, vanilla) thick and dotted with diamonds.
+_STYLE = {"subq": ("-", "o"), "peer": ("--", "s"), "baseline": (":", "D")}
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -30,59 +41,91 @@ def _source(results: dict, method: str) -> str:
     return next(r["source"] for r in results["rows"] if r["method"] == method)
 
 
+def method_colours(results: dict) -> dict[str, tuple]:
+    """One colour per method of the run, the same in every plot (``dense`` black)."""
+    names = list(dict.fromkeys(r["method"] for r in results["rows"]))
+    palette = plt.get_cmap("tab20").colors
+    others = [m for m in names if m != "dense"]
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(others)}
+    colours["dense"] = (0.0, 0.0, 0.0)
+    return colours
+
+
+def _line(ax, results: dict, method: str, points, colours: dict, label: str,
+          hollow: bool = False) -> None:
+    style, marker = _STYLE.get(_source(results, method), ("-", "o"))
+    xs, ys = zip(*points, strict=True)
+    ax.plot(xs, ys, linestyle=style, marker=marker, color=colours[method], label=label,
+            linewidth=2.5 if method in BASELINES else 1.3, markersize=4,
+            markerfacecolor="none" if hollow else colours[method])
+
+
 def _curves(results: dict, pattern: str, key: str, ylabel: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = method_colours(results)
     for m in _methods(results, pattern):
         points = series(results, m, pattern, key)
         if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, _STYLE.get(_source(results, m), "-"), marker="o", label=m,
-                    linewidth=2.5 if m in BASELINES else 1.2)
+            _line(ax, results, m, points, colours,
+                  m if _source(results, m) != "peer" else f"{m} (peer)")
     ax.set(xscale="log", yscale="log", xlabel="sequence length L", ylabel=ylabel,
            title=f"{pattern}: {ylabel}")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.set_xticks(_lengths(results), [f"{n:,}" for n in _lengths(results)])
+    ax.minorticks_off()
+    ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _bars(results: dict, pattern: str, path: Path) -> None:
-    names, time_len, mem_len = [], [], []
-    for m in _methods(results, pattern):
-        if m in BASELINES:
-            continue
-        names.append(m)
-        time_len.append(efficiency(results, m, pattern, "fwd_ms")[0] or 0.0)
-        mem_len.append(efficiency(results, m, pattern, "mem_fwd_mib")[0] or 0.0)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(names) + 1.8), sharey=True)
-    for ax, values, title in ((axes[0], time_len, "running time"), (axes[1], mem_len, "memory")):
-        ax.barh(names, values, color="tab:blue")
-        ax.set(title=f"efficiency length vs dense: {title}", xlabel="L (0: no crossover)")
+    """CAB's efficiency lengths against dense as bars on a log axis, each labelled with the
+    report's text (``< L_min``, the measured crossover, the extrapolation, ``never``)."""
+    colours = method_colours(results)
+    names = [m for m in _methods(results, pattern) if m not in BASELINES]
+    longest = max(_lengths(results))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.4 * len(names) + 1.8), sharey=True)
+    for ax, key, title in ((axes[0], "fwd_ms", "running time"),
+                           (axes[1], "mem_fwd_mib", "memory")):
+        values, texts = [], []
+        for m in names:
+            fitted, _ = efficiency(results, m, pattern, key)
+            text = efficiency_cell(results, m, pattern, key)
+            if text.startswith("<"):
+                value = float(min(n for n, _ in series(results, m, pattern, key)))
+            elif fitted and fitted <= EXTRAPOLATION_FACTOR * longest:
+                value = fitted
+            else:
+                value = 0.0
+            values.append(value)
+            texts.append(text)
+        ax.barh(names, [v or float("nan") for v in values], color=[colours[m] for m in names])
+        for row, (value, text) in enumerate(zip(values, texts, strict=True)):
+            ax.text(value if value else 1.0, row, f" {text}", va="center", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlim(left=256, right=EXTRAPOLATION_FACTOR * longest * 8)
+        ax.axvline(longest, color="grey", linestyle=":", linewidth=1)
+        ax.set(title=f"efficiency length vs dense: {title}",
+               xlabel=f"L (dotted: longest measured, {longest:,})")
         ax.invert_yaxis()
     fig.suptitle(pattern)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _errors(results: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for pattern in _patterns(results):
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = method_colours(results)
+    for index, pattern in enumerate(_patterns(results)):  # later patterns: hollow markers
         for m in _methods(results, pattern):
             points = [(n, max(e, 1e-16)) for n, e in series(results, m, pattern,
                                                              "rel_rms_vs_dense")]
             if points and m != "dense":
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, _STYLE.get(_source(results, m), "-"), marker="o",
-                        label=f"{m} ({Pattern(pattern).short})")
+                _line(ax, results, m, points, colours, f"{m} ({Pattern(pattern).short})",
+                      hollow=index > 0)
     ax.set(xscale="log", yscale="log", xlabel="sequence length L",
            ylabel="relative RMS error vs dense", title="error against dense attention")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_plots(results: dict, folder: Path) -> list[Path]:

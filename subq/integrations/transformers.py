@@ -41,9 +41,11 @@ of the layer's last causal prefill (kept, detached, for that purpose), the state
 search reads its representative queries from. Without a matching prefill (the cache holds
 no queries) the rebuild steps with zero queries: still exact for mechanisms whose state is
 a function of the keys and values alone (``dense``'s KV cache, ``local``'s window).
-A left-padded batch decodes where the mechanism's ``prefill_state`` takes the padding
-(``dense``, ``local``, ``linear``, ``ntk``); the others raise
-``NotImplementedError`` naming ``key_padding_mask``. Only the default ``DynamicCache`` is
+A left-padded batch decodes with every mechanism that decodes: ``dense``, ``local``,
+``linear`` and ``ntk`` run it at once with the padding masked; ``hip``, ``scout`` and ``hax``,
+whose blocks and segments count positions from the first token, run its self attention and
+its decoding row by row, each row over its real tokens alone (:mod:`subq.padded_rows`), so
+that each row generates what its prompt generates alone. Only the default ``DynamicCache`` is
 supported. When beam search
 reorders the cache's batch rows, each new row is matched to the old row it copies by its
 keys' checksum and the state is reordered with :func:`subq.reorder_state`, not rebuilt.
@@ -71,10 +73,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import subq
 from subq import registry
+from subq.api import padding_by_rows
 from subq.integrations.hf_masks import mask_pattern
 from subq.integrations.softcap import softcapped_attention
 from subq.nn.ntk import NTKPrefix
 from subq.ops import masks
+from subq.padded_rows import attention_by_rows
 
 PREFIX = "subq_"
 _UNSUPPORTED_KWARGS = ("s_aux", "sinks", "position_bias")
@@ -241,12 +245,21 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     elif causal and lq < lk:
         out = _decode(module, method, options, query, key, value, key_padding_mask, scaling)
     else:
-        out = subq.attention(query, key, value, method=method, causal=causal,
-                             cross=lq != lk, scale=scaling, key_padding_mask=key_padding_mask,
-                             **options)
+        if key_padding_mask is not None and lq == lk and _padding_by_rows(method):
+            out = attention_by_rows(functools.partial(
+                subq.attention, method=method, causal=causal, scale=scaling, **options),
+                query, key, value, key_padding_mask)
+        else:
+            out = subq.attention(query, key, value, method=method, causal=causal,
+                                 cross=lq != lk, scale=scaling,
+                                 key_padding_mask=key_padding_mask, **options)
         if causal and lq == lk and registry.get(method).decodes:
             module._subq_prefill = _Prefill(query.detach(), _checksum(key))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _padding_by_rows(method: str) -> bool:
+    return registry.get(method).decodes and padding_by_rows(method)
 
 
 def _layer(module: torch.nn.Module) -> str:

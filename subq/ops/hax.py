@@ -428,9 +428,9 @@ def hax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         raise NotImplementedError(
             "hax does not support key_padding_mask (its buckets and key selection count "
             "every key). Calling subq directly, for training or scoring: put padding at the "
-            "end and pass no mask (a causal query never sees later keys). In transformers, "
-            "whose generation pads on the left: batch prompts of equal length, or one at a "
-            "time")
+            "end and pass no mask (a causal query never sees later keys), or run each row "
+            "over its real tokens (subq.padded_rows.attention_by_rows; transformers' padded "
+            "batches and subq.prefill_state do so)")
     options = _options(options)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if options["arch"] == "full":

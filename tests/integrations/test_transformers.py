@@ -16,17 +16,19 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import subq  # noqa: E402
 from subq.integrations import transformers as hf  # noqa: E402
 
-from .llama import generate, needs_smollm2, rel, tiny_llama  # noqa: E402
+from .llama import (  # noqa: E402
+    DECODERS,
+    SPARSE_OPTIONS,
+    generate,
+    needs_smollm2,
+    rel,
+    tiny_llama,
+)
 
 HAS_HIP = "hip" in {m.name for m in subq.mechanisms()}
 needs_hip = pytest.mark.skipif(not HAS_HIP, reason="the hip mechanism is not registered yet")
 # HiP with a key budget at least the context: every block is selected, so HiP is dense.
 HIP_ALL_KEYS = dict(topk=512, block_q=4, block_k=2, sink=2, window=8, refresh=4)
-# Options that make each decoding mechanism differ from dense on the tiny model's short texts.
-SPARSE_OPTIONS = {"local": dict(window=3), "scout": dict(segment=4),
-                  "hax": dict(k_lsh=3, k_ks=3, num_hash=2),
-                  "hip": dict(topk=4, block_q=4, block_k=2, sink=1, window=2, refresh=4)}
-DECODERS = [m.name for m in subq.mechanisms() if m.decodes]
 
 
 def test_register_names_every_mechanism():
@@ -179,14 +181,12 @@ def test_ntk_prefixes_start_as_the_stock_model_and_train():
     assert not any("ntk_prefix" in name for name, _ in model.named_parameters())
 
 
-PADDED_DECODERS = ["dense", "local", "linear", "ntk"]
-
-
 @pytest.mark.parametrize("method", DECODERS)
 def test_a_left_padded_batch_generates_each_prompt_as_alone(method):
-    """Two prompts of different lengths, left-padded into one batch: with the cache, each row
-    generates the tokens its prompt generates alone (issue 23); mechanisms whose decode state
-    cannot take the padding refuse by name."""
+    """Two prompts of different lengths, left-padded into one batch: with the cache and
+    without it, each row generates the tokens its prompt generates alone (issue 23), whether
+    the mechanism masks the padding (dense, local, linear, ntk) or runs the batch row by row
+    (hip, scout, hax: their blocks count positions from the first token)."""
     model = tiny_llama()
     hf.patch(model, method, layers=[1, 2], **SPARSE_OPTIONS.get(method, {}))
     g = torch.Generator().manual_seed(6)
@@ -196,15 +196,12 @@ def test_a_left_padded_batch_generates_each_prompt_as_alone(method):
     for row, prompt in enumerate(prompts):
         ids[row, 11 - prompt.shape[1]:], mask[row, 11 - prompt.shape[1]:] = prompt, 1
 
-    def generate(ids, mask):
+    def generate(ids, mask, cache=True):
         return model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                              pad_token_id=0)[:, -6:]
+                              pad_token_id=0, use_cache=cache)[:, -6:]
 
-    if method not in PADDED_DECODERS:
-        with pytest.raises(NotImplementedError, match="key_padding_mask"):
-            generate(ids, mask)
-        return
     batch = generate(ids, mask)
+    assert torch.equal(generate(ids, mask, cache=False), batch)
     for row, prompt in enumerate(prompts):
         assert torch.equal(batch[row], generate(prompt, torch.ones_like(prompt))[0]), row
 
