@@ -1,7 +1,7 @@
 """Forward+backward peak memory and time of the mechanisms a training run backpropagates
 through (issue 22: HiP, HAX and kernelized RPE within 4x of SDPA's memory at 16K), beside dense
-SDPA, each configuration in a fresh child process (make bench's job: peak RSS above the
-baseline after the inputs and a warm-up; medians of the timed calls after it).
+SDPA, each configuration in a fresh child process (the make-bench memory and timing jobs:
+peak RSS above the baseline after the inputs and a warm-up; medians after a warm-up).
 
     python benchmarks/training_memory.py --lengths 4096 16384 --methods dense hip hax kernelized_rpe
 """
@@ -15,13 +15,17 @@ import torch
 
 import subq
 from subq import Pattern
-from subq.bench.measure import Config, measure_job
+from subq.bench.measure import Config, memory_job, time_config
 from subq.bench.memory import run_in_child
 
 
-def _measure(config: Config) -> dict:
-    status, row = run_in_child(measure_job, (config, None, 1000.0, 3, 5), timeout=1800)
-    return row if status == "ok" else {"error": row}
+def _measure(config: Config, with_time: bool) -> dict:
+    status, memory = run_in_child(memory_job, (config,), timeout=1800)
+    row = memory if status == "ok" else {"error": memory}
+    if with_time:
+        status, times = run_in_child(time_config, (config, None, 1000.0, 3, 5), timeout=1800)
+        row |= times if status == "ok" else {"time_error": times}
+    return row
 
 
 def main() -> None:
@@ -32,6 +36,7 @@ def main() -> None:
     parser.add_argument("--patterns", nargs="+", default=["causal_self", "noncausal_self"],
                         help="pattern names, spaces as underscores")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-time", action="store_true", help="memory only")
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s); B=1, H=8, D=64, float32; peak MiB above the baseline, "
@@ -45,7 +50,7 @@ def main() -> None:
                 if Pattern(pattern.replace("_", " ")) not in subq.get(method).patterns:
                     continue
                 config = Config(method, pattern.replace("_", " "), length, threads=args.threads)
-                row = _measure(config)
+                row = _measure(config, not args.no_time)
                 peak = row.get("mem_fwd_bwd_mib")
                 if method == "dense":
                     dense = peak
@@ -54,7 +59,8 @@ def main() -> None:
                 print(f"| {length} | {pattern} | {method} | {row.get('mem_fwd_mib', 0):.0f} | "
                       f"{peak if peak is None else f'{peak:.0f}'} | {ratio} | "
                       + " | ".join("—" if ms is None else f"{ms:.0f}" for ms in times) + " |"
-                      + (f" {row['error']}" if "error" in row else ""), flush=True)
+                      + (f" {row.get('error') or row.get('time_error')}" if 'error' in row
+                         or 'time_error' in row else ""), flush=True)
 
 
 if __name__ == "__main__":

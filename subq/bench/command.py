@@ -91,6 +91,7 @@ def _efficiency(args: argparse.Namespace) -> int:
                 dtype=args.dtype, device=args.device,
                 threads=args.threads or torch.get_num_threads(),
                 memory_gib=args.memory_budget, time_s=args.time_budget,
+                time_vs_dense=args.time_vs_dense,
                 total_s=total)
     missing = missing_peers()
     for name, why in missing.items():
@@ -143,7 +144,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     eff.add_argument("--dim", type=int, default=64)
     eff.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     eff.add_argument("--memory-budget", type=float, default=12.0, help="GiB per configuration")
-    eff.add_argument("--time-budget", type=float, default=60.0, help="seconds per call")
+    eff.add_argument("--time-budget", type=float, default=60.0,
+                     help="seconds per call (a method within --time-vs-dense of dense's own "
+                     "call at that length is measured even past it)")
+    eff.add_argument("--time-vs-dense", type=float, default=1.5,
+                     help="per-call budget as a multiple of dense's call at the same length")
     eff.add_argument("--run-budget", type=float, help="seconds for the whole run (default: "
                      "none); configurations predicted to end past it are skipped, the longest "
                      "lengths first")

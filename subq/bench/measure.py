@@ -1,6 +1,6 @@
-"""Measuring one configuration (method x pattern x length) in a fresh child process: inputs,
-forward and forward+backward median times, their peak memory (each timed call is also a
-memory probe) and the error against dense attention."""
+"""Measuring one configuration (method x pattern x length): inputs, forward and
+forward+backward median times, the error against dense attention, and the memory job that
+runs in a fresh child process."""
 
 from __future__ import annotations
 
@@ -12,15 +12,18 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..registry import Pattern
-from .memory import PeakProbe
+from .memory import peak_bytes
 from .methods import Attend, all_methods
 
 _MIB = 2.0 ** 20
 #: Timed runs per measurement: as many as fit ``TIME_TARGET_MS`` after the warm-up, within
-#: ``REPEATS`` (a 10 ms call is timed 20 times, a call of 0.5 s or more 3 times), so the long
-#: lengths that dominate a run's time cost three calls, not five.
-TIME_TARGET_MS = 1500.0
+#: ``REPEATS`` (a 10 ms call is timed 20 times, a call of 0.33 s or more 3 times); a call of
+#: ``LONG_CALL_MS`` or more is timed ``LONG_CALL_REPEATS`` times (the median of 2 is their
+#: mean): the long lengths dominate a run's time.
+TIME_TARGET_MS = 1000.0
 REPEATS = (3, 20)
+LONG_CALL_MS = 2000.0
+LONG_CALL_REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -66,24 +69,14 @@ def _sync(device: torch.device) -> None:
 
 def median_ms(work: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
     """Wall times in ms of ``repeats`` synchronised runs of ``work`` (warm it up first)."""
-    return [ms for ms, _ in timed_peaks(work, repeats, device, peaks=False)]
-
-
-def timed_peaks(work: Callable[[], object], repeats: int, device: torch.device,
-                peaks: bool = True) -> list[tuple[float, int]]:
-    """``(ms, peak bytes above the memory in use before it)`` of ``repeats`` synchronised runs
-    of ``work`` (the peak 0 when ``peaks`` is False): each timed call is also a memory probe,
-    so a configuration is run once for both."""
-    out = []
+    times = []
     for _ in range(repeats):
-        probe = PeakProbe(device) if peaks else None
         _sync(device)
         start = time.perf_counter()
         work()
         _sync(device)
-        elapsed = (time.perf_counter() - start) * 1e3
-        out.append((elapsed, probe.peak() if probe else 0))
-    return out
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def forward_backward(call: Attend, q, k, v, cotangent: torch.Tensor) -> None:
@@ -93,9 +86,12 @@ def forward_backward(call: Attend, q, k, v, cotangent: torch.Tensor) -> None:
 
 
 def repeats_for(first_ms: float, target_ms: float, minimum: int, maximum: int) -> int:
-    """At least ``minimum`` timed runs, more (up to ``maximum``) while they fit ``target_ms``."""
+    """At least ``minimum`` timed runs, more (up to ``maximum``) while they fit ``target_ms``;
+    ``LONG_CALL_REPEATS`` (when fewer) for a call of ``LONG_CALL_MS`` or more."""
     if first_ms <= 0:
         return maximum
+    if first_ms >= LONG_CALL_MS:
+        return min(minimum, LONG_CALL_REPEATS)
     return int(max(minimum, min(maximum, target_ms // first_ms)))
 
 
@@ -105,16 +101,35 @@ def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
 
 
-def measure_job(config: Config, dense_out: torch.Tensor | None = None,
+def memory_job(config: Config) -> dict:
+    """Peak memory (MiB above the baseline after imports, inputs and one warm-up forward) of
+    one forward call and of one forward+backward call; run in a fresh child process."""
+    torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    q, k, v = make_inputs(config, requires_grad=True)
+    call = build(config, q, k, v)
+    cotangent = torch.randn_like(q)
+    result = {}
+
+    def forward():
+        with torch.no_grad():
+            call(q, k, v)
+
+    forward()  # warm-up: one-time allocations (thread pools, caches) are not the method's
+    result["mem_fwd_mib"] = peak_bytes(forward, device) / _MIB
+    try:
+        result["mem_fwd_bwd_mib"] = peak_bytes(
+            lambda: forward_backward(call, q, k, v, cotangent), device) / _MIB
+    except Exception as exc:  # a method without a backward still has a forward peak
+        result["mem_fwd_bwd_error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def time_config(config: Config, dense_out: torch.Tensor | None,
                 target_ms: float = TIME_TARGET_MS, min_repeats: int = REPEATS[0],
                 max_repeats: int = REPEATS[1]) -> dict:
-    """Time and memory of one configuration, run in a fresh child process
-    (:func:`subq.bench.memory.run_in_child`): a warm-up forward (no grad), whose output gives
-    the relative RMS error against ``dense_out`` when given, then :func:`repeats_for` timed
-    forwards; the same for forward+backward. Every timed call is also a memory probe: the
-    ``mem_*_mib`` are the largest peaks (MiB above the memory in use before the call: inputs,
-    and nothing that a warmed-up call leaves behind)."""
-    torch.set_num_threads(config.threads)
+    """Median forward (no grad) and forward+backward times after one warm-up each, and the
+    relative RMS error against ``dense_out`` (when given) on the same inputs."""
     device = torch.device(config.device)
     q, k, v = make_inputs(config, requires_grad=True)
     call = build(config, q, k, v)
@@ -125,28 +140,23 @@ def measure_job(config: Config, dense_out: torch.Tensor | None = None,
         with torch.no_grad():
             return call(q, k, v)
 
-    def train():
-        forward_backward(call, q, k, v, cotangent)
-
     _sync(device)
     started = time.perf_counter()
     out = forward()  # the warm-up call; its output gives the error
     _sync(device)
     first = (time.perf_counter() - started) * 1e3
     if dense_out is not None:
-        result["rel_rms_vs_dense"] = rel_rms(dense_out.to(out.device), out)
+        result["rel_rms_vs_dense"] = rel_rms(dense_out, out)
     del out
     repeats = repeats_for(first, target_ms, min_repeats, max_repeats)
-    fwd = timed_peaks(forward, repeats, device)
-    result.update(fwd_ms=statistics.median(ms for ms, _ in fwd), fwd_times_ms=[ms for ms, _ in fwd],
-                  repeats=repeats, mem_fwd_mib=max(b for _, b in fwd) / _MIB)
+    fwd = median_ms(forward, repeats, device)
+    result.update(fwd_ms=statistics.median(fwd), fwd_times_ms=fwd, repeats=repeats)
     try:
-        fb_first = timed_peaks(train, 1, device, peaks=False)[0][0]
+        fb_first = median_ms(lambda: forward_backward(call, q, k, v, cotangent), 1, device)[0]
         fb_repeats = repeats_for(fb_first, target_ms, min_repeats, max_repeats)
-        fb = timed_peaks(train, fb_repeats, device)
-        result.update(fwd_bwd_ms=statistics.median(ms for ms, _ in fb),
-                      fwd_bwd_times_ms=[ms for ms, _ in fb], fwd_bwd_repeats=fb_repeats,
-                      mem_fwd_bwd_mib=max(b for _, b in fb) / _MIB)
+        fb = median_ms(lambda: forward_backward(call, q, k, v, cotangent), fb_repeats, device)
+        result.update(fwd_bwd_ms=statistics.median(fb), fwd_bwd_times_ms=fb,
+                      fwd_bwd_repeats=fb_repeats)
     except Exception as exc:  # recorded: a forward-only method still has forward numbers
         result["fwd_bwd_error"] = f"{type(exc).__name__}: {exc}"
     return result

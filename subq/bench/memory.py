@@ -55,32 +55,20 @@ def _cpu_peak() -> int:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-class PeakProbe:
-    """Peak memory on ``device`` from now on, above the memory in use now (CPU: resident set
-    size; CUDA: allocated tensors): create it, do the work, read :meth:`peak`."""
-
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            self.base = _reset_cpu_peak()
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
-        return max(0, _cpu_peak() - self.base)
-
-
 def peak_bytes(work: Callable[[], Any], device: torch.device | str = "cpu") -> int:
     """Bytes by which ``work()``'s peak memory on ``device`` exceeds the memory in use
-    just before it (:class:`PeakProbe`)."""
-    probe = PeakProbe(device)
+    just before it (CPU: resident set size; CUDA: allocated tensors)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        work()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - base)
+    base = _reset_cpu_peak()
     work()
-    return probe.peak()
+    return max(0, _cpu_peak() - base)
 
 
 _CONTEXT = None

@@ -98,11 +98,12 @@ def _bars(results: dict, pattern: str, path: Path) -> None:
                 value = 0.0
             values.append(value)
             texts.append(text)
+        left = min(_lengths(results)) / 4
         ax.barh(names, [v or float("nan") for v in values], color=[colours[m] for m in names])
         for row, (value, text) in enumerate(zip(values, texts, strict=True)):
-            ax.text(value if value else 1.0, row, f" {text}", va="center", fontsize=7)
+            ax.text(value or left, row, f" {text}", va="center", fontsize=7)
         ax.set_xscale("log")
-        ax.set_xlim(left=256, right=EXTRAPOLATION_FACTOR * longest * 8)
+        ax.set_xlim(left=left, right=EXTRAPOLATION_FACTOR * longest * 8)
         ax.axvline(longest, color="grey", linestyle=":", linewidth=1)
         ax.set(title=f"efficiency length vs dense: {title}",
                xlabel=f"L (dotted: longest measured, {longest:,})")

@@ -31,3 +31,14 @@ def test_time_budget_and_failed_smaller_length_skip():
     huge = {**fast, "method": "dense", "mem_fwd_mib": 2.0 ** 20}
     assert "memory budget" in budget_reason([huge], 4000, grid, 0.0)
     assert "failed at L=10" in budget_reason([{"status": "error", "length": 10}], 20, grid, 0)
+
+
+def test_a_method_about_as_fast_as_dense_is_measured_wherever_dense_is():
+    """The per-call budget is the larger of ``time_s`` and ``time_vs_dense`` x dense's call at
+    that length: a 3 s call is measured beside a 2.5 s dense call, not beside a 1 s one."""
+    grid = Grid(methods=["dense"], patterns=[Pattern.CAUSAL_SELF], lengths=[1], time_s=2.0,
+                time_vs_dense=1.5)
+    slow = {"status": "ok", "length": 1000, "fwd_ms": 100.0, "fwd_bwd_ms": 750.0}
+    assert budget_reason([slow], 2000, grid, 0.0, dense_call_ms=2500.0) is None
+    reason = budget_reason([slow], 2000, grid, 0.0, dense_call_ms=1000.0)
+    assert "predicted 3.0 s per call > time budget 2.0 s" in reason and "dense's 1.0 s" in reason
