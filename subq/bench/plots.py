@@ -88,26 +88,29 @@ def _bars(results: dict, pattern: str, path: Path) -> None:
                            (axes[1], "mem_fwd_mib", "memory")):
         values, texts = [], []
         for m in names:
-            fitted, _ = efficiency(results, m, pattern, key)
+            fitted, crossover = efficiency(results, m, pattern, key)
             text = efficiency_cell(results, m, pattern, key)
             if text.startswith("<"):
                 value = float(min(n for n, _ in series(results, m, pattern, key)))
             elif fitted and fitted <= EXTRAPOLATION_FACTOR * longest:
                 value = fitted
             else:
-                value = 0.0
+                value = float(crossover or 0)  # 0: no bar, the text says why
             values.append(value)
             texts.append(text)
         left = min(_lengths(results)) / 4
-        ax.barh(names, [v or float("nan") for v in values], color=[colours[m] for m in names])
-        for row, (value, text) in enumerate(zip(values, texts, strict=True)):
+        rows = range(len(names))
+        ax.barh(rows, [max(v - left, 0.0) for v in values], left=left,
+                color=[colours[m] for m in names])
+        for row, (value, text) in zip(rows, zip(values, texts, strict=True), strict=True):
             ax.text(value or left, row, f" {text}", va="center", fontsize=7)
         ax.set_xscale("log")
         ax.set_xlim(left=left, right=EXTRAPOLATION_FACTOR * longest * 8)
+        ax.set_ylim(len(names) - 0.5, -0.5)  # the first method on top
+        ax.set_yticks(rows, names)
         ax.axvline(longest, color="grey", linestyle=":", linewidth=1)
         ax.set(title=f"efficiency length vs dense: {title}",
                xlabel=f"L (dotted: longest measured, {longest:,})")
-        ax.invert_yaxis()
     fig.suptitle(pattern)
     save_figure(fig, path)
 

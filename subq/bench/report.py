@@ -14,6 +14,7 @@ from .cab import (
     efficiency_text,
     measured_crossover,
 )
+from .measure import LONG_CALL_MS, LONG_CALL_REPEATS, REPEATS, TIME_TARGET_MS
 
 BASELINES = ("dense", "vanilla")
 _METRICS = {"fwd_ms": "forward time (ms)", "fwd_bwd_ms": "forward+backward time (ms)",
@@ -213,11 +214,15 @@ def render_markdown(results: dict, image_prefix: str = "") -> str:
     """The report: machine line, per-pattern tables, plots, skipped and failed configurations."""
     grid = results["grid"]
     lines = ["# subq efficiency benchmark (CAB-style)", "", machine_line(results), "",
-             f"Run time {results['wall_s'] / 60:.1f} min. Times: median of 3 to 20 timed runs "
-             "(as many as fit 1.5 s; the count is in results.json) after a warm-up, forward "
-             "without autograd; memory: peak above the baseline after "
-             "imports and inputs, each configuration in a fresh child process. Budgets: "
-             f"{grid['memory_gib']:g} GiB, {grid['time_s']:g} s per call"
+             f"Run time {results['wall_s'] / 60:.1f} min. Times: median of the timed runs after a "
+             f"warm-up ({REPEATS[0]} to {REPEATS[1]}, as many as fit {TIME_TARGET_MS / 1e3:g} s; "
+             f"{LONG_CALL_REPEATS} for a call of {LONG_CALL_MS / 1e3:g} s or more; the counts "
+             "are in results.json), forward without autograd; memory: peak above the "
+             "baseline after imports and inputs, each configuration in a fresh child process. "
+             "Budgets: "
+             f"{grid['memory_gib']:g} GiB, {grid['time_s']:g} s per call or "
+             f"{grid.get('time_vs_dense', 0):g}x dense's call at the same length, the larger "
+             "(a method past both is skipped, the prediction given below)"
              + (f", {grid['total_s']:g} s per run" if grid.get("total_s") else "") + ". "
              "`dense` is SDPA (subq's dense mechanism), `vanilla` the materialised "
              "softmax(QK^T)V that CAB compares against; peers are labelled `peer`.", ""]
