@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--decode-tokens must be at least 3, got {args.decode_tokens}")
     ids = torch.tensor(tokenizer(load_text(args.text))["input_ids"], dtype=torch.long)
     layers = list(attention_modules(model))
+    model(ids[None, :256])  # one-time costs (allocator, thread pool) out of the first row
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"generate_{args.model}.jsonl"
