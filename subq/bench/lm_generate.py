@@ -101,7 +101,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     dense = {(r["context"], r["batch"]): r for r in rows if r["method"] == "dense"}
     lines = ["| prompt | batch | method | prefill (s) | first step (s) | per-token decode (ms) "
              "| decode vs dense | continuation ppl |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["context"], r["batch"])):
+    for r in sorted(rows, key=lambda r: (r["context"], r["batch"], r["method"] != "dense")):
         base = dense.get((r["context"], r["batch"]))
         ratio = f"{r['step_ms'] / base['step_ms']:.2f}×" if base else "—"
         lines.append(f"| {r['context']:,} | {r['batch']} | `{r['method']}` | "
