@@ -41,7 +41,7 @@ $(PEERS_STAMP): $(STAMP)
 	touch $(PEERS_STAMP)
 
 # The default grid (self patterns, L = 1K..16K, every method, dense and the peers) in about
-# 15-20 minutes on 2 cores: a call predicted past 5 s and past 1.5x dense's own call at that
+# 21 minutes on 2 cores: a call predicted past 5 s and past 1.5x dense's own call at that
 # length is recorded as skipped with its prediction (dense, the yardstick, never is).
 # `make bench BENCH_ARGS=--docs` also writes docs/benchmarks.md and docs/img/bench_*.png;
 # `make bench BENCH_ARGS=--full BENCH_TIME_BUDGET=60` measures all four patterns up to 64K

@@ -340,10 +340,11 @@ def prefill_state(
 def padding_by_rows(method: str) -> bool:
     """Whether a padded batch of ``method`` runs row by row (:mod:`subq.padded_rows`): it
     decodes, but its ``prefill_state`` takes no ``key_padding_mask``, because its layout counts
-    positions from the first token, which padding would shift."""
-    mech = _decoder(method)
-    return mech.prefill_state is None or "key_padding_mask" not in inspect.signature(
-        mech.prefill_state).parameters
+    positions from the first token, which padding would shift. False for a mechanism that does
+    not decode (it takes padding, or refuses it, in :func:`attention` itself)."""
+    mech = registry.get(method)
+    return mech.decodes and (mech.prefill_state is None or "key_padding_mask" not in
+                             inspect.signature(mech.prefill_state).parameters)
 
 
 def reorder_state(state: Any, index: torch.Tensor) -> Any:

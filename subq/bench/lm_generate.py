@@ -84,15 +84,15 @@ def decode_row(model, prompt: torch.Tensor, continuation: torch.Tensor) -> dict[
             "ppl": math.exp(mean_nll), "nll": mean_nll}
 
 
-def _done(path: Path) -> set[tuple[str, int, int]]:
-    if not path.exists():
-        return set()
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["method"], r["context"], r["batch"]) for r in rows}
-
-
 def load_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL record (none when it does not exist yet)."""
+    if not path.exists():
+        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _done(path: Path) -> set[tuple[str, int, int]]:
+    return {(r["method"], r["context"], r["batch"]) for r in load_rows(path)}
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -245,7 +245,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     elif causal and lq < lk:
         out = _decode(module, method, options, query, key, value, key_padding_mask, scaling)
     else:
-        if key_padding_mask is not None and lq == lk and _padding_by_rows(method):
+        if key_padding_mask is not None and lq == lk and padding_by_rows(method):
             out = attention_by_rows(functools.partial(
                 subq.attention, method=method, causal=causal, scale=scaling, **options),
                 query, key, value, key_padding_mask)
@@ -256,10 +256,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if causal and lq == lk and registry.get(method).decodes:
             module._subq_prefill = _Prefill(query.detach(), _checksum(key))
     return out.transpose(1, 2).contiguous(), None
-
-
-def _padding_by_rows(method: str) -> bool:
-    return registry.get(method).decodes and padding_by_rows(method)
 
 
 def _layer(module: torch.nn.Module) -> str:
