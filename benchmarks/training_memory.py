@@ -1,7 +1,7 @@
 """Forward+backward peak memory and time of the mechanisms a training run backpropagates
 through (issue 22: HiP, HAX and kernelized RPE within 4x of SDPA's memory at 16K), beside dense
-SDPA, each configuration in a fresh child process (the make-bench memory and timing jobs:
-peak RSS above the baseline after the inputs and a warm-up; medians after a warm-up).
+SDPA, each configuration in a fresh child process measured as make bench measures it
+(subq.bench.measure.measure_config: medians after a warm-up; peak memory per MEMORY_PROBE).
 
     python benchmarks/training_memory.py --lengths 4096 16384 --methods dense hip hax kernelized_rpe
 """
@@ -15,17 +15,18 @@ import torch
 
 import subq
 from subq import Pattern
-from subq.bench.measure import Config, memory_job, time_config
+from subq.bench.measure import Config, measure_config
 from subq.bench.memory import run_in_child
 
 
 def _measure(config: Config, with_time: bool) -> dict:
-    status, memory = run_in_child(memory_job, (config,), timeout=1800)
-    row = memory if status == "ok" else {"error": memory}
-    if with_time:
-        status, times = run_in_child(time_config, (config, None, 1000.0, 3, 5), timeout=1800)
-        row |= times if status == "ok" else {"time_error": times}
-    return row
+    torch.set_num_threads(config.threads)
+    return measure_config(config, None, timing=with_time, memory=True, max_repeats=5)
+
+
+def _measure_in_child(config: Config, with_time: bool) -> dict:
+    status, row = run_in_child(_measure, (config, with_time), timeout=1800)
+    return row if status == "ok" else {"error": row}
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
                 if Pattern(pattern.replace("_", " ")) not in subq.get(method).patterns:
                     continue
                 config = Config(method, pattern.replace("_", " "), length, threads=args.threads)
-                row = _measure(config, not args.no_time)
+                row = _measure_in_child(config, not args.no_time)
                 peak = row.get("mem_fwd_bwd_mib")
                 if method == "dense":
                     dense = peak

@@ -1,6 +1,6 @@
 """Measuring one configuration (method x pattern x length): inputs, forward and
-forward+backward median times, the error against dense attention, and the memory job that
-runs in a fresh child process."""
+forward+backward median times, the error against dense attention, and the peak memory of one
+forward and of one forward+backward call, probed in the same process (:data:`MEMORY_PROBE`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..registry import Pattern
-from .memory import peak_bytes
+from .memory import tensor_peak_bytes
 from .methods import Attend, all_methods
 
 _MIB = 2.0 ** 20
@@ -24,6 +24,12 @@ TIME_TARGET_MS = 1000.0
 REPEATS = (3, 20)
 LONG_CALL_MS = 2000.0
 LONG_CALL_REPEATS = 2
+#: What a row's memory is, as the report states it (:func:`measure_config`).
+MEMORY_PROBE = ("peak of the tensors allocated during one call above those held before it "
+                "(PyTorch's allocation records: torch.profiler's on the CPU, the caching "
+                "allocator's on CUDA), in the timing process: the forward after its warm-up, "
+                "the forward+backward on its warm-up (its gradients count, as in a first "
+                "call)")
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ def _sync(device: torch.device) -> None:
 
 
 def median_ms(work: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
-    """Wall times in ms of ``repeats`` synchronised runs of ``work`` (warm it up first)."""
+    """Wall times in ms of ``repeats`` synchronised runs of ``work``."""
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -101,35 +107,28 @@ def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
 
 
-def memory_job(config: Config) -> dict:
-    """Peak memory (MiB above the baseline after imports, inputs and one warm-up forward) of
-    one forward call and of one forward+backward call; run in a fresh child process."""
-    torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
-    q, k, v = make_inputs(config, requires_grad=True)
-    call = build(config, q, k, v)
-    cotangent = torch.randn_like(q)
-    result = {}
-
-    def forward():
-        with torch.no_grad():
-            call(q, k, v)
-
-    forward()  # warm-up: one-time allocations (thread pools, caches) are not the method's
-    result["mem_fwd_mib"] = peak_bytes(forward, device) / _MIB
-    try:
-        result["mem_fwd_bwd_mib"] = peak_bytes(
-            lambda: forward_backward(call, q, k, v, cotangent), device) / _MIB
-    except Exception as exc:  # a method without a backward still has a forward peak
-        result["mem_fwd_bwd_error"] = f"{type(exc).__name__}: {exc}"
-    return result
+def timed_runs(work: Callable[[], object], device: torch.device, target_ms: float,
+               minimum: int, maximum: int) -> list[float]:
+    """Wall times in ms of one run of ``work`` (warmed up) and of as many more as
+    :func:`repeats_for` asks for that first one."""
+    times = median_ms(work, 1, device)
+    return times + median_ms(work, repeats_for(times[0], target_ms, minimum, maximum) - 1,
+                             device)
 
 
-def time_config(config: Config, dense_out: torch.Tensor | None,
-                target_ms: float = TIME_TARGET_MS, min_repeats: int = REPEATS[0],
-                max_repeats: int = REPEATS[1]) -> dict:
-    """Median forward (no grad) and forward+backward times after one warm-up each, and the
-    relative RMS error against ``dense_out`` (when given) on the same inputs."""
+def measure_config(config: Config, dense_out: torch.Tensor | None, timing: bool = True,
+                   memory: bool = False, target_ms: float = TIME_TARGET_MS,
+                   min_repeats: int = REPEATS[0], max_repeats: int = REPEATS[1]) -> dict:
+    """One configuration on fresh inputs, in this order (each call's first run is its warm-up):
+
+    - a forward (no grad): the warm-up; its output gives the relative RMS error against
+      ``dense_out`` (when given);
+    - with ``memory``: ``mem_fwd_mib``, the peak of one more forward (:data:`MEMORY_PROBE`);
+    - with ``timing``: ``fwd_ms``, the median of the timed forwards (:func:`timed_runs`);
+    - a forward+backward: the warm-up, probed for ``mem_fwd_bwd_mib`` with ``memory``;
+    - with ``timing``: ``fwd_bwd_ms``, the median of the timed forward+backward runs.
+
+    A method without a backward keeps its forward numbers and records ``fwd_bwd_error``."""
     device = torch.device(config.device)
     q, k, v = make_inputs(config, requires_grad=True)
     call = build(config, q, k, v)
@@ -140,23 +139,44 @@ def time_config(config: Config, dense_out: torch.Tensor | None,
         with torch.no_grad():
             return call(q, k, v)
 
-    _sync(device)
-    started = time.perf_counter()
-    out = forward()  # the warm-up call; its output gives the error
-    _sync(device)
-    first = (time.perf_counter() - started) * 1e3
+    def probed(work: Callable[[], object]) -> float:
+        return tensor_peak_bytes(work, device) / _MIB
+
+    out = forward()
     if dense_out is not None:
         result["rel_rms_vs_dense"] = rel_rms(dense_out, out)
     del out
-    repeats = repeats_for(first, target_ms, min_repeats, max_repeats)
-    fwd = median_ms(forward, repeats, device)
-    result.update(fwd_ms=statistics.median(fwd), fwd_times_ms=fwd, repeats=repeats)
+    if memory:
+        result["mem_fwd_mib"] = probed(forward)
+    if timing:
+        fwd = timed_runs(forward, device, target_ms, min_repeats, max_repeats)
+        result.update(fwd_ms=statistics.median(fwd), fwd_times_ms=fwd, repeats=len(fwd))
     try:
-        fb_first = median_ms(lambda: forward_backward(call, q, k, v, cotangent), 1, device)[0]
-        fb_repeats = repeats_for(fb_first, target_ms, min_repeats, max_repeats)
-        fb = median_ms(lambda: forward_backward(call, q, k, v, cotangent), fb_repeats, device)
-        result.update(fwd_bwd_ms=statistics.median(fb), fwd_bwd_times_ms=fb,
-                      fwd_bwd_repeats=fb_repeats)
+        def backward():
+            forward_backward(call, q, k, v, cotangent)
+
+        if memory:
+            result["mem_fwd_bwd_mib"] = probed(backward)
+        else:
+            backward()
+        if timing:
+            fb = timed_runs(backward, device, target_ms, min_repeats, max_repeats)
+            result.update(fwd_bwd_ms=statistics.median(fb), fwd_bwd_times_ms=fb,
+                          fwd_bwd_repeats=len(fb))
     except Exception as exc:  # recorded: a forward-only method still has forward numbers
-        result["fwd_bwd_error"] = f"{type(exc).__name__}: {exc}"
+        key = "fwd_bwd_error" if timing else "mem_fwd_bwd_error"
+        result[key] = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def time_config(config: Config, dense_out: torch.Tensor | None,
+                target_ms: float = TIME_TARGET_MS, min_repeats: int = REPEATS[0],
+                max_repeats: int = REPEATS[1]) -> dict:
+    """Median forward and forward+backward times and the error (:func:`measure_config`)."""
+    return measure_config(config, dense_out, True, False, target_ms, min_repeats, max_repeats)
+
+
+def memory_job(config: Config) -> dict:
+    """Forward and forward+backward peak memory alone (:func:`measure_config`)."""
+    torch.set_num_threads(config.threads)
+    return measure_config(config, None, timing=False, memory=True)

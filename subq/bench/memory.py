@@ -4,9 +4,11 @@ On the CPU the probe reads the kernel's resident-set high-water mark (``VmHWM`` 
 ``/proc/self/status``) after resetting it to the current resident size (writing ``5`` to
 ``/proc/self/clear_refs``); where that reset is not allowed it falls back to
 ``getrusage``'s lifetime maximum, which is only right when the work is the process's largest
-so far. On CUDA it reads the caching allocator's peak. The benchmark runs each configuration
-in a fresh child process (:func:`run_in_child`) so one configuration cannot leave memory
-behind for the next.
+so far. On CUDA it reads the caching allocator's peak. The resident size depends on what the C
+allocator kept of earlier work, so a job that needs it runs in a fresh child process
+(:func:`run_in_child`), its large buffers mapped one by one (``MALLOC_ENV``).
+:func:`tensor_peak_bytes` reads PyTorch's own allocation records instead, so it can probe in a
+process that has just run other work (the efficiency benchmark probes right after timing).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +73,69 @@ def peak_bytes(work: Callable[[], Any], device: torch.device | str = "cpu") -> i
     base = _reset_cpu_peak()
     work()
     return max(0, _cpu_peak() - base)
+
+
+def tensor_peak_bytes(work: Callable[[], Any], device: torch.device | str = "cpu") -> int:
+    """Bytes by which the tensors PyTorch allocates on ``device`` during ``work()`` peak above
+    those it held before.
+
+    CUDA: the caching allocator's counters. CPU: ``torch.profiler``'s allocation records
+    (``profile_memory``), summed in order; a tensor allocated before ``work`` and freed in it
+    (e.g. an earlier call's gradients) is not recorded, so its memory is never counted as
+    freed: the reading is that of a first call. Unlike :func:`peak_bytes` it does not depend
+    on what the C allocator kept of earlier work, so a configuration can be probed in the
+    process that has just timed it; memory allocated outside PyTorch is not counted.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return peak_bytes(work, device)
+    prof = _allocation_recorder()
+    with _quiet_stderr():  # the profiler logs its start and stop
+        prof.start()
+    try:
+        work()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type().name == "CPU")
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+_NOTED_EARLIER_FREES = False
+
+
+def _allocation_recorder() -> torch.profiler.profile:
+    """A CPU profiler that records allocations. The first time, a silent probe of a tensor
+    from before it being freed: PyTorch notes once per process that such frees are not
+    recorded, which :func:`tensor_peak_bytes` expects."""
+    from torch.profiler import ProfilerActivity, profile
+
+    global _NOTED_EARLIER_FREES
+    if not _NOTED_EARLIER_FREES:
+        _NOTED_EARLIER_FREES = True
+        earlier = [torch.ones(1)]
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+            earlier.clear()
+    return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+
+@contextmanager
+def _quiet_stderr():
+    """File descriptor 2 pointed at /dev/null (C++ logging writes there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 _CONTEXT = None

@@ -210,6 +210,11 @@ def machine_line(results: dict) -> str:
             f"B={g['batch']} H={g['heads']} D={g['dim']} {g['dtype']}")
 
 
+#: How runs before the probe was recorded in results.json measured memory.
+_CHILD_PROBE = ("peak resident memory above the baseline after imports and inputs, each "
+                "configuration in a fresh child process")
+
+
 def render_markdown(results: dict, image_prefix: str = "") -> str:
     """The report: machine line, per-pattern tables, plots, skipped and failed configurations."""
     grid = results["grid"]
@@ -217,9 +222,8 @@ def render_markdown(results: dict, image_prefix: str = "") -> str:
              f"Run time {results['wall_s'] / 60:.1f} min. Times: median of the timed runs after a "
              f"warm-up ({REPEATS[0]} to {REPEATS[1]}, as many as fit {TIME_TARGET_MS / 1e3:g} s; "
              f"{LONG_CALL_REPEATS} for a call of {LONG_CALL_MS / 1e3:g} s or more; the counts "
-             "are in results.json), forward without autograd; memory: peak above the "
-             "baseline after imports and inputs, each configuration in a fresh child process. "
-             "Budgets: "
+             "are in results.json), forward without autograd; memory: "
+             f"{results.get('memory_probe', _CHILD_PROBE)}. Budgets: "
              f"{grid['memory_gib']:g} GiB, {grid['time_s']:g} s per call or "
              f"{grid.get('time_vs_dense', 0):g}x dense's call at the same length, the larger "
              "(a method past both is skipped, the prediction given below)"

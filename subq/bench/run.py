@@ -19,20 +19,17 @@ import subq
 from subq.registry import Pattern
 
 from .measure import (
+    MEMORY_PROBE,
     REPEATS,
     TIME_TARGET_MS,
     Config,
     make_inputs,
-    memory_job,
+    measure_config,
     repeats_for,
-    time_config,
 )
-from .memory import run_in_child
 from .methods import Method, all_methods, missing_peers
 
 GIB = 2.0 ** 30
-#: The memory child may take this many per-call budgets before it is stopped.
-_CHILD_CALLS = 8
 CSV_FIELDS = ["method", "source", "pattern", "length", "status", "reason", "fwd_ms",
               "fwd_bwd_ms", "mem_fwd_mib", "mem_fwd_bwd_mib", "rel_rms_vs_dense", "repeats"]
 
@@ -143,12 +140,13 @@ def budget_reason(series: list[dict], length: int, grid: Grid, elapsed: float,
 
 
 def predicted_cost_s(fwd_ms: float | None, fwd_bwd_ms: float | None) -> float:
-    """Seconds one configuration takes: its warm-up and timed calls (:func:`repeats_for`
-    with the defaults of :func:`time_config`), plus the memory child's calls."""
+    """Seconds one configuration takes (:func:`measure_config` with its defaults): the
+    timed runs (:func:`repeats_for`) and the untimed ones, for the forward its warm-up and its
+    memory probe, for the forward+backward its warm-up (which is probed)."""
     total = 0.0
-    for call_ms, extra_calls in ((fwd_ms, 3), (fwd_bwd_ms, 2)):
+    for call_ms, untimed in ((fwd_ms, 2), (fwd_bwd_ms, 1)):
         if call_ms:
-            total += (repeats_for(call_ms, TIME_TARGET_MS, *REPEATS) + extra_calls) * call_ms
+            total += (repeats_for(call_ms, TIME_TARGET_MS, *REPEATS) + untimed) * call_ms
     return total / 1e3
 
 
@@ -159,19 +157,12 @@ def _dense_output(config: Config) -> torch.Tensor:
         return subq.attention(q, k, v, method="dense", causal=pattern.causal, cross=pattern.cross)
 
 
-def measure_one(config: Config, grid: Grid, dense_out: torch.Tensor | None) -> dict:
-    """Time it here, then measure its memory in a fresh child; never raises."""
-    row: dict = {"status": "ok"}
+def measure_one(config: Config, dense_out: torch.Tensor | None) -> dict:
+    """Its times, error and memory (:func:`measure_config`); never raises."""
     try:
-        row.update(time_config(config, dense_out))
+        return {"status": "ok", **measure_config(config, dense_out, memory=True)}
     except Exception as exc:  # recorded, the run goes on
         return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-    status, payload = run_in_child(memory_job, (config,), timeout=_CHILD_CALLS * grid.time_s)
-    if status == "ok":
-        row.update(payload)
-    else:
-        row["memory_error"] = payload
-    return row
 
 
 def run_grid(grid: Grid, progress=None) -> dict:
@@ -205,7 +196,7 @@ def run_grid(grid: Grid, progress=None) -> dict:
                     if dense_out is None and length <= grid.error_max_length:
                         dense_out = _dense_output(config)
                     started = time.perf_counter()
-                    row = measure_one(config, grid, dense_out)
+                    row = measure_one(config, dense_out)
                     row["wall_s"] = time.perf_counter() - started
                 row.update(method=method.name, source=method.source, label=method.label,
                            pattern=pattern.value, length=length)
@@ -221,6 +212,7 @@ def run_grid(grid: Grid, progress=None) -> dict:
                  "total_s": None if math.isinf(grid.total_s) else grid.total_s},
         "unknown_methods": [n for n in grid.methods if n not in methods],
         "missing_peers": missing_peers(),
+        "memory_probe": MEMORY_PROBE,
         "wall_s": time.perf_counter() - start,
         "rows": rows,
     }
