@@ -106,15 +106,42 @@ def _predict(series: list[dict], key: str, length: int) -> float | None:
     return y1 * (length / l1) ** slope
 
 
+def _measured(series: list[dict], key: str) -> dict[int, float]:
+    return {r["length"]: r[key] for r in series if r.get("status") == "ok" and r.get(key)}
+
+
+def _predict_vs_dense(series: list[dict], dense_series: list[dict], key: str,
+                      length: int) -> float | None:
+    """``key`` at ``length`` as dense's own value there times the method's ratio to dense,
+    the mean of its ratios at the last two lengths both measured (one noisy timing moves it
+    half as much as it moves a log-log slope); ``None`` without dense at ``length``."""
+    mine, dense = _measured(series, key), _measured(dense_series, key)
+    shared = sorted(n for n in mine if n in dense and n < length)[-2:]
+    if length not in dense or not shared:
+        return None
+    return dense[length] * sum(mine[n] / dense[n] for n in shared) / len(shared)
+
+
+def _predict_call_ms(series: list[dict], dense_series: list[dict], length: int
+                     ) -> float | None:
+    """The longer call (forward or forward+backward) predicted at ``length``: against dense
+    measured at that length where the run has it, else extrapolated (:func:`_predict`)."""
+    predictions = [_predict_vs_dense(series, dense_series, key, length)
+                   or _predict(series, key, length) for key in ("fwd_ms", "fwd_bwd_ms")]
+    return max(filter(None, predictions), default=None)
+
+
 def budget_reason(series: list[dict], length: int, grid: Grid, elapsed: float,
-                  dense_call_ms: float | None = None) -> str | None:
+                  dense_series: list[dict] | None = None) -> str | None:
     """Why one configuration is skipped, or ``None`` to measure it.
 
-    Each reason names the budget and the prediction for this call, extrapolated from the
-    lengths measured before it (a length skipped for a budget only predicts a longer one
-    past it too). A method that failed at a smaller length is not retried. The run budget
-    applies only when one is set (``grid.total_s``): the default grid is chosen to fit
-    without it, so that no cell it lists goes unmeasured for lack of run time.
+    Each reason names the budget and the prediction for this call from the lengths measured
+    before it: a call's time from the method's ratio to dense (measured first at every
+    length) where ``dense_series`` has this length, else extrapolated like the memory (a
+    length skipped for a budget only predicts a longer one past it too). A method that
+    failed at a smaller length is not retried. The run budget applies only when one is set
+    (``grid.total_s``): the default grid is chosen to fit without it, so that no cell it
+    lists goes unmeasured for lack of run time.
     """
     failed = [r for r in series if r["status"] == "error"]
     if failed:
@@ -123,10 +150,13 @@ def budget_reason(series: list[dict], length: int, grid: Grid, elapsed: float,
                             _predict(series, "mem_fwd_bwd_mib", length)]), default=None)
     if mem is not None and mem * 2.0 ** 20 > grid.memory_gib * GIB:
         return f"predicted {mem / 1024:.1f} GiB > memory budget {grid.memory_gib:g} GiB"
-    call_ms = max(filter(None, [_predict(series, "fwd_ms", length),
-                                _predict(series, "fwd_bwd_ms", length)]), default=None)
+    dense_series = dense_series or []
+    call_ms = _predict_call_ms(series, dense_series, length)
+    dense_now = [r for r in dense_series if r.get("length") == length and r["status"] == "ok"]
+    dense_call_ms = max([dense_now[0].get(key) or 0.0 for key in ("fwd_ms", "fwd_bwd_ms")]
+                        if dense_now else [0.0])
     yardstick = bool(series) and series[0].get("method") == "dense"  # every ratio needs it
-    budget_s = max(grid.time_s, grid.time_vs_dense * (dense_call_ms or 0.0) / 1e3)
+    budget_s = max(grid.time_s, grid.time_vs_dense * dense_call_ms / 1e3)
     if call_ms is not None and call_ms / 1e3 > budget_s and not yardstick:
         dense = ("" if not dense_call_ms else f" (the larger of {grid.time_s:g} s and "
                  f"{grid.time_vs_dense:g}x dense's {dense_call_ms / 1e3:.1f} s)")
@@ -185,11 +215,8 @@ def run_grid(grid: Grid, progress=None) -> dict:
                 config = Config(method.name, pattern.value, length, grid.batch, grid.heads,
                                 grid.dim, grid.dtype, grid.device, grid.seed, grid.threads)
                 history = series.setdefault((method.name, pattern), [])
-                dense_row = (series.get(("dense", pattern)) or [{}])[-1]
-                dense_call = (max(dense_row.get("fwd_ms") or 0, dense_row.get("fwd_bwd_ms") or 0)
-                              if dense_row.get("length") == length else None)
                 reason = budget_reason(history, length, grid, time.perf_counter() - start,
-                                       dense_call)
+                                       series.get(("dense", pattern)))
                 if reason is not None:
                     row = {"status": "skipped", "reason": reason}
                 else:

@@ -39,6 +39,27 @@ def test_a_method_about_as_fast_as_dense_is_measured_wherever_dense_is():
     grid = Grid(methods=["dense"], patterns=[Pattern.CAUSAL_SELF], lengths=[1], time_s=2.0,
                 time_vs_dense=1.5)
     slow = {"status": "ok", "length": 1000, "fwd_ms": 100.0, "fwd_bwd_ms": 750.0}
-    assert budget_reason([slow], 2000, grid, 0.0, dense_call_ms=2500.0) is None
-    reason = budget_reason([slow], 2000, grid, 0.0, dense_call_ms=1000.0)
+
+    def dense_at_2000(call_ms):
+        return [{"status": "ok", "length": 2000, "fwd_ms": 10.0, "fwd_bwd_ms": call_ms}]
+
+    assert budget_reason([slow], 2000, grid, 0.0, dense_at_2000(2500.0)) is None
+    reason = budget_reason([slow], 2000, grid, 0.0, dense_at_2000(1000.0))
     assert "predicted 3.0 s per call > time budget 2.0 s" in reason and "dense's 1.0 s" in reason
+
+
+def test_a_call_is_predicted_from_its_ratio_to_dense_where_dense_is_measured():
+    """One slow timing at 2K (1.5x dense where 1K was 1.1x) would extrapolate to 3.3 s at 4K
+    (log-log slope 2.45) and skip a method as fast as dense; its mean ratio to dense over
+    the last two lengths times dense's 1.6 s at 4K predicts 2.1 s, within the budget."""
+    grid = Grid(methods=["dense"], patterns=[Pattern.CAUSAL_SELF], lengths=[1], time_s=2.0,
+                time_vs_dense=1.5)
+    dense = [{"status": "ok", "length": n, "fwd_ms": t / 4, "fwd_bwd_ms": t}
+             for n, t in ((1000, 100.0), (2000, 400.0), (4000, 1600.0))]
+    mine = [{"status": "ok", "length": 1000, "fwd_ms": 27.5, "fwd_bwd_ms": 110.0},
+            {"status": "ok", "length": 2000, "fwd_ms": 150.0, "fwd_bwd_ms": 600.0}]
+    assert "predicted 3.3 s" in budget_reason(mine, 4000, grid, 0.0)
+    assert budget_reason(mine, 4000, grid, 0.0, dense) is None
+    faster_dense = [{**row, "fwd_bwd_ms": row["fwd_bwd_ms"] / 2} for row in dense]
+    assert "predicted 2.1 s per call > time budget 2.0 s" in budget_reason(
+        mine, 4000, grid, 0.0, faster_dense)
