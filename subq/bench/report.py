@@ -226,8 +226,8 @@ def render_markdown(results: dict, image_prefix: str = "") -> str:
              f"{results.get('memory_probe', _CHILD_PROBE)}. Budgets: "
              f"{grid['memory_gib']:g} GiB, {grid['time_s']:g} s per call or "
              f"{grid.get('time_vs_dense', 0):g}x dense's call at the same length, the larger "
-             "(a method predicted past both is skipped, the prediction given below: its "
-             "ratio to dense at the two lengths before, times dense's call)"
+             "(a method predicted past both is skipped, the prediction given below: a "
+             "log-log fit through its last three measured lengths)"
              + (f", {grid['total_s']:g} s per run" if grid.get("total_s") else "") + ". "
              "`dense` is SDPA (subq's dense mechanism), `vanilla` the materialised "
              "softmax(QK^T)V that CAB compares against; peers are labelled `peer`.", ""]

@@ -93,53 +93,33 @@ def machine_info(grid: Grid) -> dict:
 
 
 def _predict(series: list[dict], key: str, length: int) -> float | None:
-    """Extrapolate ``key`` to ``length`` from the last two measured points (log-log slope
-    clamped to [1, 2.5]; slope 2 from a single point)."""
-    points = [(r["length"], r[key]) for r in series if r.get("status") == "ok" and r.get(key)]
+    """Extrapolate ``key`` to ``length`` from the last three measured points: the least-squares
+    log-log slope (clamped to [1, 2.5]; slope 2 from a single point) through the last one.
+    Three points, not two: one noisy timing tilts a two-point slope twice as much."""
+    points = [(math.log(r["length"]), math.log(r[key])) for r in series
+              if r.get("status") == "ok" and r.get(key)][-3:]
     if not points:
         return None
-    (l1, y1) = points[-1]
     slope = 2.0
     if len(points) >= 2:
-        (l0, y0) = points[-2]
-        slope = min(2.5, max(1.0, math.log(y1 / y0) / math.log(l1 / l0)))
-    return y1 * (length / l1) ** slope
-
-
-def _measured(series: list[dict], key: str) -> dict[int, float]:
-    return {r["length"]: r[key] for r in series if r.get("status") == "ok" and r.get(key)}
-
-
-def _predict_vs_dense(series: list[dict], dense_series: list[dict], key: str,
-                      length: int) -> float | None:
-    """``key`` at ``length`` as dense's own value there times the method's ratio to dense,
-    the mean of its ratios at the last two lengths both measured (one noisy timing moves it
-    half as much as it moves a log-log slope); ``None`` without dense at ``length``."""
-    mine, dense = _measured(series, key), _measured(dense_series, key)
-    shared = sorted(n for n in mine if n in dense and n < length)[-2:]
-    if length not in dense or not shared:
-        return None
-    return dense[length] * sum(mine[n] / dense[n] for n in shared) / len(shared)
-
-
-def _predict_call_ms(series: list[dict], dense_series: list[dict], length: int
-                     ) -> float | None:
-    """The longer call (forward or forward+backward) predicted at ``length``: against dense
-    measured at that length where the run has it, else extrapolated (:func:`_predict`)."""
-    predictions = [_predict_vs_dense(series, dense_series, key, length)
-                   or _predict(series, key, length) for key in ("fwd_ms", "fwd_bwd_ms")]
-    return max(filter(None, predictions), default=None)
+        mean_x = sum(x for x, _ in points) / len(points)
+        mean_y = sum(y for _, y in points) / len(points)
+        fitted = (sum((x - mean_x) * (y - mean_y) for x, y in points)
+                  / sum((x - mean_x) ** 2 for x, _ in points))
+        slope = min(2.5, max(1.0, fitted))
+    last_x, last_y = points[-1]
+    return math.exp(last_y + slope * (math.log(length) - last_x))
 
 
 def budget_reason(series: list[dict], length: int, grid: Grid, elapsed: float,
                   dense_series: list[dict] | None = None) -> str | None:
     """Why one configuration is skipped, or ``None`` to measure it.
 
-    Each reason names the budget and the prediction for this call from the lengths measured
-    before it: a call's time from the method's ratio to dense (measured first at every
-    length) where ``dense_series`` has this length, else extrapolated like the memory (a
-    length skipped for a budget only predicts a longer one past it too). A method that
-    failed at a smaller length is not retried. The run budget applies only when one is set
+    Each reason names the budget and the prediction for this call, extrapolated from the
+    lengths measured before it (:func:`_predict`; a length skipped for a budget only predicts
+    a longer one past it too); dense's call at this length comes from ``dense_series``
+    (dense is measured first at every length). A method that failed at a smaller length is
+    not retried. The run budget applies only when one is set
     (``grid.total_s``): the default grid is chosen to fit without it, so that no cell it
     lists goes unmeasured for lack of run time.
     """
@@ -151,7 +131,8 @@ def budget_reason(series: list[dict], length: int, grid: Grid, elapsed: float,
     if mem is not None and mem * 2.0 ** 20 > grid.memory_gib * GIB:
         return f"predicted {mem / 1024:.1f} GiB > memory budget {grid.memory_gib:g} GiB"
     dense_series = dense_series or []
-    call_ms = _predict_call_ms(series, dense_series, length)
+    call_ms = max(filter(None, [_predict(series, "fwd_ms", length),
+                                _predict(series, "fwd_bwd_ms", length)]), default=None)
     dense_now = [r for r in dense_series if r.get("length") == length and r["status"] == "ok"]
     dense_call_ms = max([dense_now[0].get(key) or 0.0 for key in ("fwd_ms", "fwd_bwd_ms")]
                         if dense_now else [0.0])

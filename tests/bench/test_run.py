@@ -48,18 +48,15 @@ def test_a_method_about_as_fast_as_dense_is_measured_wherever_dense_is():
     assert "predicted 3.0 s per call > time budget 2.0 s" in reason and "dense's 1.0 s" in reason
 
 
-def test_a_call_is_predicted_from_its_ratio_to_dense_where_dense_is_measured():
-    """One slow timing at 2K (1.5x dense where 1K was 1.1x) would extrapolate to 3.3 s at 4K
-    (log-log slope 2.45) and skip a method as fast as dense; its mean ratio to dense over
-    the last two lengths times dense's 1.6 s at 4K predicts 2.1 s, within the budget."""
-    grid = Grid(methods=["dense"], patterns=[Pattern.CAUSAL_SELF], lengths=[1], time_s=2.0,
-                time_vs_dense=1.5)
-    dense = [{"status": "ok", "length": n, "fwd_ms": t / 4, "fwd_bwd_ms": t}
-             for n, t in ((1000, 100.0), (2000, 400.0), (4000, 1600.0))]
-    mine = [{"status": "ok", "length": 1000, "fwd_ms": 27.5, "fwd_bwd_ms": 110.0},
-            {"status": "ok", "length": 2000, "fwd_ms": 150.0, "fwd_bwd_ms": 600.0}]
-    assert "predicted 3.3 s" in budget_reason(mine, 4000, grid, 0.0)
-    assert budget_reason(mine, 4000, grid, 0.0, dense) is None
-    faster_dense = [{**row, "fwd_bwd_ms": row["fwd_bwd_ms"] / 2} for row in dense]
-    assert "predicted 2.1 s per call > time budget 2.0 s" in budget_reason(
-        mine, 4000, grid, 0.0, faster_dense)
+def test_a_call_is_extrapolated_from_a_fit_through_three_lengths():
+    """One slow timing at 4K (slope 2.51 from 2K, where 1K->2K was 1.93) would extrapolate
+    to 13.6 s at 8K from the last two lengths; the least-squares slope through three (2.22)
+    predicts 11.2 s, within a 12 s budget."""
+    grid = Grid(methods=["dense"], patterns=[Pattern.CAUSAL_SELF], lengths=[1], time_s=12.0)
+    mine = [{"status": "ok", "length": n, "fwd_ms": t / 4, "fwd_bwd_ms": t}
+            for n, t in ((1024, 110.0), (2048, 420.0), (4096, 2400.0))]
+    assert budget_reason(mine, 8192, grid, 0.0) is None
+    assert "predicted 11.2 s per call > time budget 11.0 s" in budget_reason(
+        mine, 8192, Grid(methods=["dense"], patterns=[Pattern.CAUSAL_SELF], lengths=[1],
+                         time_s=11.0), 0.0)
+    assert "predicted 13.6 s" in budget_reason(mine[1:], 8192, grid, 0.0)
