@@ -40,9 +40,10 @@ $(PEERS_STAMP): $(STAMP)
 		echo "some peers did not install; the benchmark reports them as missing"
 	touch $(PEERS_STAMP)
 
-# The default grid (self patterns, L = 1K..16K, every method, dense and the peers) in about
-# 21 minutes on 2 cores: a call predicted past 5 s and past 1.5x dense's own call at that
-# length is recorded as skipped with its prediction (dense, the yardstick, never is).
+# The default grid (self patterns, L = 1K..16K, every method, dense and the peers) in 16.5
+# minutes on 2 cores (2026-12-07): a call predicted past 5 s and past 1.5x
+# dense's own call at that length is recorded as skipped with its prediction (dense, the
+# yardstick, never is).
 # `make bench BENCH_ARGS=--docs` also writes docs/benchmarks.md and docs/img/bench_*.png;
 # `make bench BENCH_ARGS=--full BENCH_TIME_BUDGET=60` measures all four patterns up to 64K
 # with the CLI's own budgets (hours on 2 cores).

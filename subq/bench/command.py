@@ -23,7 +23,7 @@ DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
 FULL_LENGTHS = [*DEFAULT_LENGTHS, 32768, 65536]
 #: Without --full or --patterns: the two self patterns, where every mechanism competes (on
 #: 2 cores the four patterns at 16K take about an hour); --full measures all four. The
-#: default grid runs with no run budget (21 min on 2 cores, 2026-12-07), so a cell is
+#: default grid runs with no run budget (16.5 min on 2 cores, 2026-12-07), so a cell is
 #: skipped only where its own call is predicted past the per-call or memory budget.
 DEFAULT_PATTERNS = ("CS", "NS")
 #: Measurement order: causal self first (every causal mechanism supports it), cross last.
