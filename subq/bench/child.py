@@ -3,10 +3,10 @@ the mechanisms and the peers already loaded (and no op ever run)."""
 
 from subq.registry import mechanisms
 
-from .measure import memory_job
+from .measure import measure_config
 from .methods import all_methods
 
 mechanisms()
 all_methods()
 
-__all__ = ["memory_job"]
+__all__ = ["measure_config"]

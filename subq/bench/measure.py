@@ -151,16 +151,16 @@ def measure_config(config: Config, dense_out: torch.Tensor | None, timing: bool 
     if timing:
         fwd = timed_runs(forward, device, target_ms, min_repeats, max_repeats)
         result.update(fwd_ms=statistics.median(fwd), fwd_times_ms=fwd, repeats=len(fwd))
-    try:
-        def backward():
-            forward_backward(call, q, k, v, cotangent)
+    def fwd_bwd():
+        forward_backward(call, q, k, v, cotangent)
 
+    try:
         if memory:
-            result["mem_fwd_bwd_mib"] = probed(backward)
+            result["mem_fwd_bwd_mib"] = probed(fwd_bwd)
         else:
-            backward()
+            fwd_bwd()
         if timing:
-            fb = timed_runs(backward, device, target_ms, min_repeats, max_repeats)
+            fb = timed_runs(fwd_bwd, device, target_ms, min_repeats, max_repeats)
             result.update(fwd_bwd_ms=statistics.median(fb), fwd_bwd_times_ms=fb,
                           fwd_bwd_repeats=len(fb))
     except Exception as exc:  # recorded: a forward-only method still has forward numbers
@@ -168,15 +168,3 @@ def measure_config(config: Config, dense_out: torch.Tensor | None, timing: bool 
         result[key] = f"{type(exc).__name__}: {exc}"
     return result
 
-
-def time_config(config: Config, dense_out: torch.Tensor | None,
-                target_ms: float = TIME_TARGET_MS, min_repeats: int = REPEATS[0],
-                max_repeats: int = REPEATS[1]) -> dict:
-    """Median forward and forward+backward times and the error (:func:`measure_config`)."""
-    return measure_config(config, dense_out, True, False, target_ms, min_repeats, max_repeats)
-
-
-def memory_job(config: Config) -> dict:
-    """Forward and forward+backward peak memory alone (:func:`measure_config`)."""
-    torch.set_num_threads(config.threads)
-    return measure_config(config, None, timing=False, memory=True)

@@ -119,9 +119,9 @@ def budget_reason(series: list[dict], length: int, grid: Grid, elapsed: float,
     lengths measured before it (:func:`_predict`; a length skipped for a budget only predicts
     a longer one past it too); dense's call at this length comes from ``dense_series``
     (dense is measured first at every length). A method that failed at a smaller length is
-    not retried. The run budget applies only when one is set
-    (``grid.total_s``): the default grid is chosen to fit without it, so that no cell it
-    lists goes unmeasured for lack of run time.
+    not retried. The run budget applies only when one is set (``grid.total_s``): the
+    default grid is chosen to fit without it, so that no cell it lists goes unmeasured for
+    lack of run time.
     """
     failed = [r for r in series if r["status"] == "error"]
     if failed:
@@ -130,12 +130,11 @@ def budget_reason(series: list[dict], length: int, grid: Grid, elapsed: float,
                             _predict(series, "mem_fwd_bwd_mib", length)]), default=None)
     if mem is not None and mem * 2.0 ** 20 > grid.memory_gib * GIB:
         return f"predicted {mem / 1024:.1f} GiB > memory budget {grid.memory_gib:g} GiB"
-    dense_series = dense_series or []
     call_ms = max(filter(None, [_predict(series, "fwd_ms", length),
                                 _predict(series, "fwd_bwd_ms", length)]), default=None)
-    dense_now = [r for r in dense_series if r.get("length") == length and r["status"] == "ok"]
-    dense_call_ms = max([dense_now[0].get(key) or 0.0 for key in ("fwd_ms", "fwd_bwd_ms")]
-                        if dense_now else [0.0])
+    dense_now = next((r for r in dense_series or []
+                      if r.get("length") == length and r["status"] == "ok"), {})
+    dense_call_ms = max(dense_now.get("fwd_ms") or 0.0, dense_now.get("fwd_bwd_ms") or 0.0)
     yardstick = bool(series) and series[0].get("method") == "dense"  # every ratio needs it
     budget_s = max(grid.time_s, grid.time_vs_dense * dense_call_ms / 1e3)
     if call_ms is not None and call_ms / 1e3 > budget_s and not yardstick:
