@@ -21,7 +21,7 @@ import argparse
 import torch
 from torch import nn
 
-from subq.bench.measure import median_ms
+from subq.bench.measure import run_times_ms
 from subq.nn.groupmamba import GroupMambaLayer
 from subq.nn.visual_scan import DIRECTIONS, VisualSelectiveScan, scan_jointly
 
@@ -66,7 +66,7 @@ def main() -> None:
     for name, module, call, x in rows:
         with torch.no_grad():
             call(x)
-            fwd = min(median_ms(lambda c=call, x=x: c(x), args.repeats, device))
+            fwd = min(run_times_ms(lambda c=call, x=x: c(x), args.repeats, device))
         leaf = x.detach().requires_grad_(True)
         cot = torch.randn_like(leaf)
 
@@ -74,7 +74,7 @@ def main() -> None:
             c(leaf).backward(cot)
 
         train()
-        both = min(median_ms(train, args.repeats, device))
+        both = min(run_times_ms(train, args.repeats, device))
         params = sum(p.numel() for p in module.parameters())
         print(f"{name:20s} {params:8d} {fwd:9.1f} {batch / fwd * 1e3:8.1f} {both:11.1f} "
               f"{batch / both * 1e3:8.1f} {batch * side * side / fwd * 1e3:13.0f}")

@@ -17,7 +17,7 @@ import statistics
 import torch
 
 import subq
-from subq.bench.measure import median_ms, rel_rms
+from subq.bench.measure import rel_rms, run_times_ms
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
             for method in ("hax", "dense"):
                 run = functools.partial(subq.attention, q, k, v, method=method, causal=True)
                 run()
-                times[method] = statistics.median(median_ms(run, args.repeats, device))
+                times[method] = statistics.median(run_times_ms(run, args.repeats, device))
             print(f"L={length:6d}  hax {times['hax']:9.1f} ms "
                   f"({times['hax'] / length * 1024:6.1f} ms/1K tokens)   "
                   f"dense SDPA {times['dense']:9.1f} ms   "

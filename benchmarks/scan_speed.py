@@ -21,7 +21,7 @@ import statistics
 
 import torch
 
-from subq.bench.measure import median_ms, rel_rms
+from subq.bench.measure import rel_rms, run_times_ms
 from subq.ops import scan_kernel
 from subq.ops.scan import selective_scan, selective_scan_reference
 
@@ -48,7 +48,7 @@ def _times(fn, args: list, kwargs: dict, repeats: int, device: torch.device
     """Median ms of the forward (no grad) and of forward+backward of ``fn``."""
     with torch.no_grad():
         fn(*args, **kwargs)
-        forward = statistics.median(median_ms(lambda: fn(*args, **kwargs), repeats, device))
+        forward = statistics.median(run_times_ms(lambda: fn(*args, **kwargs), repeats, device))
     leaves = [x.detach().requires_grad_(True) for x in args]
     cot = torch.randn_like(args[0])
 
@@ -56,7 +56,7 @@ def _times(fn, args: list, kwargs: dict, repeats: int, device: torch.device
         fn(*leaves, **kwargs).backward(cot)
 
     train()
-    return forward, statistics.median(median_ms(train, repeats, device))
+    return forward, statistics.median(run_times_ms(train, repeats, device))
 
 
 def _check(args: list, kwargs: dict) -> float:

@@ -20,7 +20,7 @@ import time
 import torch
 
 import subq
-from subq.bench.measure import median_ms, rel_rms
+from subq.bench.measure import rel_rms, run_times_ms
 from subq.ops.dense import KVCache
 from subq.ops.scout import CheckpointCache
 
@@ -72,7 +72,7 @@ def main() -> None:
                     run()
                     times[name].append((time.process_time() - start) * 1e3)
                 else:
-                    times[name] += median_ms(run, 1, device)
+                    times[name] += run_times_ms(run, 1, device)
     scout_ms, dense_ms = (statistics.median(times[name]) for name in runs)
     ratio = statistics.median(d / c for c, d in zip(times["scout"], times["dense"], strict=True))
     print(f"device={device} threads={torch.get_num_threads()} L={args.length} S={s} "
@@ -95,7 +95,7 @@ def main() -> None:
             one = functools.partial(subq.step, q1, k1, v1, caches[method], method=method,
                                     **opts[method])
             one()
-            row += [min(median_ms(one, args.repeats * 3, device)),
+            row += [min(run_times_ms(one, args.repeats * 3, device)),
                     _cache_bytes(caches[method])]
         curve.append(row)
         print(f"decode t={t:6d}  scout {row[1]:7.3f} ms ({row[2] / 2**20:7.2f} MiB)   "

@@ -73,7 +73,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(work: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+def run_times_ms(work: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
     """Wall times in ms of ``repeats`` synchronised runs of ``work``."""
     times = []
     for _ in range(repeats):
@@ -111,8 +111,8 @@ def timed_runs(work: Callable[[], object], device: torch.device, target_ms: floa
                minimum: int, maximum: int) -> list[float]:
     """Wall times in ms of one run of ``work`` (warmed up) and of as many more as
     :func:`repeats_for` asks for that first one."""
-    times = median_ms(work, 1, device)
-    return times + median_ms(work, repeats_for(times[0], target_ms, minimum, maximum) - 1,
+    times = run_times_ms(work, 1, device)
+    return times + run_times_ms(work, repeats_for(times[0], target_ms, minimum, maximum) - 1,
                              device)
 
 

@@ -13,6 +13,7 @@ process that has just run other work (the efficiency benchmark probes right afte
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import resource
@@ -89,6 +90,7 @@ def tensor_peak_bytes(work: Callable[[], Any], device: torch.device | str = "cpu
     device = torch.device(device)
     if device.type == "cuda":
         return peak_bytes(work, device)
+    _note_earlier_frees()
     prof = _allocation_recorder()
     with _quiet_stderr():  # the profiler logs its start and stop
         prof.start()
@@ -106,22 +108,20 @@ def tensor_peak_bytes(work: Callable[[], Any], device: torch.device | str = "cpu
     return peak
 
 
-_NOTED_EARLIER_FREES = False
-
-
 def _allocation_recorder() -> torch.profiler.profile:
-    """A CPU profiler that records allocations. The first time, a silent probe of a tensor
-    from before it being freed: PyTorch notes once per process that such frees are not
-    recorded, which :func:`tensor_peak_bytes` expects."""
+    """A CPU profiler that records allocations (:func:`_note_earlier_frees` first)."""
     from torch.profiler import ProfilerActivity, profile
 
-    global _NOTED_EARLIER_FREES
-    if not _NOTED_EARLIER_FREES:
-        _NOTED_EARLIER_FREES = True
-        earlier = [torch.ones(1)]
-        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True):
-            earlier.clear()
     return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+
+@functools.cache
+def _note_earlier_frees() -> None:
+    """A silent probe that frees a tensor from before it: PyTorch warns once per process that
+    such frees are not recorded, which :func:`tensor_peak_bytes` expects."""
+    earlier = [torch.ones(1)]
+    with _quiet_stderr(), _allocation_recorder():
+        earlier.clear()
 
 
 @contextmanager

@@ -32,11 +32,11 @@ def test_memory_probed_after_timing_equals_a_fresh_probe():
 def test_timed_runs_are_as_many_as_the_first_run_asks(monkeypatch):
     calls = []
 
-    def fake_median_ms(work, repeats, device):
+    def fake_run_times_ms(work, repeats, device):
         calls.append(repeats)
         return [40.0] * repeats
 
-    monkeypatch.setattr(measure, "median_ms", fake_median_ms)
+    monkeypatch.setattr(measure, "run_times_ms", fake_run_times_ms)
     times = timed_runs(lambda: None, torch.device("cpu"), 1000.0, 3, 20)
     assert len(times) == repeats_for(40.0, 1000.0, 3, 20) == 20
     assert calls == [1, 19]
